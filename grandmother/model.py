@@ -1,0 +1,203 @@
+"""The paper's model: stages of locally connected filtering, L2 pooling and local contrast normalization.
+
+    net = Network(cfg.model)                 # 3 stages by default
+    out = net(net.prepare(images_uint8))     # out.stages[s]["filter" | "pool" | "lcn"], out.loss, out.terms
+
+One stage (Le et al. 2012, section 3.2-3.3; Figure 1):
+    y = W1 x              locally connected encoder: unshared weights, field k, stride s, M maps/location
+    p = sqrt(eps + H y^2) L2 pooling over p x p neighbourhoods within one map, H uniform and fixed
+    z = LCN(p)            subtractive then divisive normalization, Gaussian window over all maps
+    objective = ||W2 y - x||^2 + lambda * sum(p)       (W2 the untied decoder), per image, summed over
+                                                       the batch and divided by its size
+The next stage's input is z. The training objective is the sum of the stages' objectives.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .kernels import get_kernel
+from .shapes import stage_shapes
+
+
+class LocallyConnected(nn.Module):
+    """Encoder W1 and decoder W2 of one stage, both of shape (Ho, Wo, M, C, k, k), not tied."""
+
+    def __init__(self, in_channels, in_hw, field, stride, maps, kernel="auto", generator=None, device=None):
+        super().__init__()
+        self.in_channels, self.in_hw, self.field, self.stride, self.maps = in_channels, tuple(in_hw), field, stride, maps
+        self.out_hw = ((in_hw[0] - field) // stride + 1, (in_hw[1] - field) // stride + 1)
+        self.kernel_name = kernel
+        shape = (*self.out_hw, maps, in_channels, field, field)
+        self.encoder = nn.Parameter(torch.empty(shape, device=device))
+        self.decoder = nn.Parameter(torch.empty(shape, device=device))
+        if self.encoder.device.type != "meta":
+            self.reset_parameters(generator)
+
+    def reset_parameters(self, generator=None):
+        fan_in = self.in_channels * self.field ** 2
+        # Encoder: unit-variance inputs give unit-scale responses. Decoder: each input pixel receives
+        # contributions from about M * (k/s)^2 features, so its scale is divided by that count.
+        overlap = self.maps * (self.field / self.stride) ** 2
+        with torch.no_grad():
+            self.encoder.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
+            self.decoder.normal_(0.0, 1.0 / math.sqrt(overlap * fan_in), generator=generator)
+
+    @property
+    def kernel(self):
+        return get_kernel(self.kernel_name, self.encoder.device)
+
+    def encode(self, x):
+        return self.kernel.encode(x, self.encoder, self.stride)
+
+    def decode(self, y):
+        return self.kernel.decode(y, self.decoder, self.stride, self.in_hw)
+
+    def extra_repr(self):
+        return (f"in={self.in_channels}x{self.in_hw[0]}x{self.in_hw[1]}, field={self.field}, stride={self.stride}, "
+                f"maps={self.maps}, out={self.out_hw[0]}x{self.out_hw[1]}, kernel={self.kernel_name}")
+
+
+def l2_pool(y, size, stride, eps):
+    """sqrt(eps + sum over a size x size window of y^2), per map. H is a fixed window of ones."""
+    return torch.sqrt(eps + F.avg_pool2d(y * y, size, stride) * (size * size))
+
+
+def gaussian_window(size, sigma):
+    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+class LocalContrastNorm(nn.Module):
+    """Subtractive then divisive normalization with a Gaussian window over neighbours and all maps.
+
+        v = x - sum_{m,p,q} G_pq x[m, i+p, j+q]            G sums to 1 over the window and the maps
+        z = v / max(c, sqrt(sum_{m,p,q} G_pq v[m, i+p, j+q]^2))
+
+    Output has the input's size ("same" padding). At the borders the window is cut off; the weights
+    that remain are renormalised to sum to 1, so border statistics are averages, not shrunk towards 0.
+    """
+
+    def __init__(self, maps, hw, size, sigma, c):
+        super().__init__()
+        self.size, self.c = size, c
+        g = gaussian_window(size, sigma) / maps
+        self.register_buffer("window", g.expand(1, maps, size, size).clone().float(), persistent=False)
+        ones = torch.ones(1, maps, *hw, dtype=torch.float64)
+        norm = F.conv2d(ones, g.expand(1, maps, size, size), padding=size // 2)
+        self.register_buffer("norm", norm.float(), persistent=False)
+
+    def _local_mean(self, x):
+        w = self.window.to(x.dtype)
+        return F.conv2d(x, w, padding=self.size // 2) / self.norm.to(x.dtype)
+
+    def forward(self, x):
+        v = x - self._local_mean(x)
+        sigma = torch.sqrt(self._local_mean(v * v))
+        return v / torch.clamp(sigma, min=self.c)
+
+
+class Stage(nn.Module):
+    def __init__(self, shape, stage_cfg, model_cfg, generator=None, device=None):
+        super().__init__()
+        c, h, w = shape.input
+        self.sigmoid = model_cfg.kind == "sigmoid_ae"
+        self.filter = LocallyConnected(c, (h, w), stage_cfg.receptive_field, stage_cfg.stride, stage_cfg.maps,
+                                       model_cfg.kernel, generator, device)
+        self.pool_size, self.pool_stride, self.eps = stage_cfg.pool_size, stage_cfg.pool_stride, model_cfg.pool_eps
+        self.sparsity = model_cfg.sparsity
+        self.lcn = None
+        if model_cfg.lcn and not self.sigmoid:
+            self.lcn = LocalContrastNorm(stage_cfg.maps, shape.pool[1:], stage_cfg.lcn_size, stage_cfg.lcn_sigma,
+                                         model_cfg.lcn_c)
+
+    def forward(self, x, objective=True):
+        """Return (activations by sublayer name, output, {"reconstruction", "sparsity"} or None)."""
+        y = self.filter.encode(x)
+        if self.sigmoid:
+            h = torch.sigmoid(y)
+            acts = {"filter": h}
+            terms = None
+            if objective:
+                rec = self.filter.decode(h)
+                terms = {"reconstruction": ((rec - x) ** 2).sum() / x.shape[0], "sparsity": x.new_zeros(())}
+            return acts, h, terms
+        p = l2_pool(y, self.pool_size, self.pool_stride, self.eps)
+        acts = {"filter": y, "pool": p}
+        out = p
+        if self.lcn is not None:
+            out = self.lcn(p)
+            acts["lcn"] = out
+        terms = None
+        if objective:
+            rec = self.filter.decode(y)
+            terms = {"reconstruction": ((rec - x) ** 2).sum() / x.shape[0],
+                     "sparsity": self.sparsity * p.sum() / x.shape[0]}
+        return acts, out, terms
+
+
+@dataclass
+class NetworkOutput:
+    stages: list[dict[str, torch.Tensor]]
+    terms: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    loss: torch.Tensor | None = None
+
+
+class Network(nn.Module):
+    def __init__(self, model_cfg, generator=None, device=None):
+        super().__init__()
+        self.cfg = model_cfg
+        self.shapes = stage_shapes(model_cfg)
+        self.stages = nn.ModuleList(Stage(sh, sc, model_cfg, generator, device)
+                                    for sh, sc in zip(self.shapes, model_cfg.stages))
+
+    @property
+    def input_shape(self):
+        return self.shapes[0].input
+
+    def sublayers(self) -> list[tuple[int, str, tuple[int, int, int]]]:
+        """(stage, sublayer name, (maps, h, w)) of every activation the forward pass returns."""
+        out = []
+        for sh, st in zip(self.shapes, self.stages):
+            out.append((sh.index, "filter", sh.filter))
+            if not st.sigmoid:
+                out.append((sh.index, "pool", sh.pool))
+                if st.lcn is not None:
+                    out.append((sh.index, "lcn", sh.output))
+        return out
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) images or floats in [0, 1] -> the network's input (per-image standardized)."""
+        c, h, w = self.input_shape
+        if images.dim() != 4 or tuple(images.shape[1:]) != (c, h, w):
+            raise ValueError(f"images of shape {tuple(images.shape[1:])} do not fit the network's input "
+                             f"{c}x{h}x{w} (channels x height x width)")
+        x = images.to(self.stages[0].filter.encoder.dtype)
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        if self.cfg.input_norm == "standardize":
+            flat = x.flatten(1)
+            x = ((flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + 1e-3)).view_as(x)
+        return x
+
+    def forward(self, x, objective=True, upto: int | None = None) -> NetworkOutput:
+        """Run the stages (all, or the first `upto`); with objective=True also the summed training loss."""
+        out = NetworkOutput(stages=[])
+        detach = self.cfg.stage_gradients == "local"
+        for i, stage in enumerate(self.stages[:upto]):
+            acts, x_next, terms = stage(x, objective)
+            out.stages.append(acts)
+            if objective:
+                out.terms.append(terms)
+            x = x_next.detach() if (detach and objective) else x_next
+        if objective:
+            out.loss = sum(t["reconstruction"] + t["sparsity"] for t in out.terms)
+        return out
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -244,16 +244,21 @@ def apply_overrides(data: dict, overrides: list[str] | dict) -> dict:
     for key, value in items:
         node = data
         parts = key.split(".")
-        for part in parts[:-1]:
-            if part.isdigit() and isinstance(node, list):
-                node = node[int(part)]
+        # A path that does not fit the structure (a list indexed by name, an index past its end, a
+        # number indexed into) is the user's typo: name it, like an unknown key.
+        try:
+            for part in parts[:-1]:
+                if part.isdigit() and isinstance(node, list):
+                    node = node[int(part)]
+                else:
+                    node = node.setdefault(part, {})
+            last = parts[-1]
+            if isinstance(node, list) and last.isdigit():
+                node[int(last)] = value
             else:
-                node = node.setdefault(part, {})
-        last = parts[-1]
-        if isinstance(node, list) and last.isdigit():
-            node[int(last)] = value
-        else:
-            node[last] = value
+                node[last] = value
+        except (TypeError, IndexError, AttributeError):
+            raise ConfigError(f"unknown setting {key} (the path does not match the config's structure)") from None
     return data
 
 

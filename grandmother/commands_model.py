@@ -1,0 +1,111 @@
+"""Subcommands: model-info, train, demo."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import CHOICES, load_config
+
+
+def add_config_arguments(p, preset_default="small"):
+    """--preset / --set, shared by every command that builds a config."""
+    p.add_argument("--preset", default=preset_default,
+                   help="preset name (grandmother/presets/*.yaml) or a path to a YAML config (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any setting, e.g. --set model.sparsity=0.2 --set model.stages.*.maps=4")
+
+
+def config_from_args(args, flag_map: dict[str, str]):
+    """Load the preset, apply --set overrides, then the explicit flags (which win)."""
+    overrides = list(args.overrides)
+    for attr, key in flag_map.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    return load_config(args.preset, overrides)
+
+
+# ---------------------------------------------------------------- model-info
+
+def cmd_model_info(args):
+    from .shapes import format_model_info, model_info
+    info = model_info(config_from_args(args, {}))
+    print(json.dumps(info, indent=2) if args.json else format_model_info(info))
+
+
+# ---------------------------------------------------------------- train
+
+TRAIN_FLAGS = {
+    "steps": "train.steps", "batch_size": "train.batch_size", "lr": "train.lr", "optimizer": "train.optimizer",
+    "device": "train.device", "seed": "train.seed", "kernel": "model.kernel", "engine": "engine",
+    "checkpoint_every": "train.checkpoint_every", "log_every": "train.log_every", "workers": "train.num_workers",
+    "replicas": "downpour.replicas", "ps_shards": "downpour.ps_shards", "fetch_every": "downpour.fetch_every",
+    "push_every": "downpour.push_every", "ray_address": "downpour.ray_address",
+    "replica_device": "downpour.replica_device", "replica_cpus": "downpour.replica_cpus",
+    "replica_gpus": "downpour.replica_gpus",
+}
+
+
+def cmd_train(args):
+    from .errors import GrandmotherError
+    if args.no_lcn:
+        args.overrides.append("model.lcn=false")
+    cfg = config_from_args(args, TRAIN_FLAGS)
+    if not args.data:
+        raise GrandmotherError("--data is required: a folder of images or a dataset made by `grandmother ingest`")
+    if cfg.engine == "downpour":
+        from .downpour import train_downpour
+        summary = train_downpour(cfg, Path(args.data), Path(args.out), resume=args.resume)
+    else:
+        from .train import train
+        summary = train(cfg, Path(args.data), Path(args.out), resume=args.resume)
+    final = summary.get("final") or {}
+    print(f"trained {summary['steps']} steps ({summary['images_seen']} images); "
+          f"final loss {final.get('loss', float('nan')):.4g}; run directory {summary['run_dir']}")
+
+
+# ---------------------------------------------------------------- demo
+
+def cmd_demo(args):
+    from .demo import run_demo
+    run_demo(Path(args.out), steps=args.steps)
+
+
+def register(sub):
+    p = sub.add_parser("model-info", help="shapes, parameter counts and FLOPs of a preset (no memory needed)")
+    add_config_arguments(p, "paper")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_model_info)
+
+    p = sub.add_parser("train", help="train a network on unlabeled images")
+    add_config_arguments(p)
+    p.add_argument("--data", help="a folder of images (recursive) or a DATA_DIR from `grandmother ingest`")
+    p.add_argument("--out", required=True, help="run directory (config, metrics.jsonl, checkpoints)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, help="images per step (paper: 100)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=CHOICES["train.optimizer"])
+    p.add_argument("--device", choices=CHOICES["train.device"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--kernel", help="locally connected kernel: auto (fastest for the device) or a registered name")
+    p.add_argument("--no-lcn", action="store_true", help="remove local contrast normalization (Table 1 ablation)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines")
+    p.add_argument("--workers", type=int, help="background data-loading workers")
+    g = p.add_argument_group("Downpour SGD on Ray (--engine downpour)")
+    g.add_argument("--engine", choices=CHOICES["engine"], help="local (one device, default) or downpour")
+    g.add_argument("--replicas", type=int, help="model replicas, each on its own portion of the data")
+    g.add_argument("--ps-shards", type=int, help="parameter-server shards")
+    g.add_argument("--fetch-every", type=int, help="P: fetch parameters every P steps")
+    g.add_argument("--push-every", type=int, help="G: push accumulated gradients every G steps")
+    g.add_argument("--ray-address", help="'' starts an embedded local Ray; 'auto' or HOST:PORT joins a cluster")
+    g.add_argument("--replica-device", choices=("cpu", "cuda"))
+    g.add_argument("--replica-cpus", type=float)
+    g.add_argument("--replica-gpus", type=float)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the whole job on the in-package sample (what `make demo` runs)")
+    p.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the small preset's)")
+    p.set_defaults(func=cmd_demo)

@@ -1,0 +1,204 @@
+"""Single-device training of the network (CPU or one GPU).
+
+    grandmother train --preset small --data grandmother/sample/train --out runs/small --steps 300
+    grandmother train ... --resume          # continue the run in --out from its latest checkpoint
+
+Resume is exact: the data order is a pure function of (seed, step) and the checkpoint holds the
+optimizer and RNG states, so N steps in one go and N/2 + resume N/2 give identical parameters on CPU.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, model_signature, read_meta, rng_state,
+                         save_checkpoint, set_rng_state)
+from .config import Config, save_config
+from .data import open_training_data
+from .errors import GrandmotherError
+from .io import append_jsonl, atomic_write_json
+from .model import Network
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- pieces shared with Downpour
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GrandmotherError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def build_optimizer(params, train_cfg) -> torch.optim.Optimizer:
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum)
+    if train_cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=train_cfg.lr)
+    if train_cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=train_cfg.lr)
+    raise GrandmotherError(f"--optimizer {train_cfg.optimizer!r}: choose sgd, adagrad or adam")
+
+
+class BatchOrder:
+    """Which images make up the batch of each step: a fresh seeded permutation per epoch.
+
+    A pure function of (seed, step), so a resumed run, or a Downpour replica, sees exactly the batches
+    an uninterrupted run would. `subset` restricts the order to a portion of the data (a replica's).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, subset: torch.Tensor | None = None):
+        self.items = subset if subset is not None else torch.arange(n)
+        self.batch_size, self.seed = batch_size, seed
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = self.items[torch.randperm(len(self.items), generator=g)]
+            self._perm_epoch = epoch
+        return self._perm
+
+    def indices(self, step: int) -> list[int]:
+        n, out = len(self.items), []
+        start = step * self.batch_size
+        for pos in range(start, start + self.batch_size):
+            out.append(int(self._permutation(pos // n)[pos % n]))
+        return out
+
+
+def loss_and_terms(net: Network, images: torch.Tensor):
+    """Forward with the objective on one uint8 batch; returns (loss tensor, per-stage term tensors)."""
+    out = net(net.prepare(images), objective=True)
+    return out.loss, out.terms
+
+
+def terms_to_floats(terms) -> list[dict[str, float]]:
+    return [{k: float(v.detach()) for k, v in t.items()} for t in terms]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def build_network(cfg: Config, device: torch.device) -> Network:
+    """The network at its seeded initialisation (the "random weights" baseline uses the same call)."""
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    net = Network(cfg.model, generator=gen)  # initialised on CPU so every device gets the same weights
+    return net.to(device)
+
+
+# ---------------------------------------------------------------- the training function
+
+def train(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, progress: bool = True,
+          dataset=None) -> dict:
+    """Train `cfg` on the images at `data_path`, writing to `out_dir`. Returns a summary dict."""
+    # ============ setup ============
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.train.device)
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None and not resume:
+        raise GrandmotherError(f"{out_dir} already holds a run (checkpoint {ckpt.name}); pass --resume to "
+                               f"continue it, or choose another --out")
+    if ckpt is not None:  # refuse a checkpoint of another model before any slow work
+        check_compatible(read_meta(ckpt), cfg, ckpt)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)
+
+    # ============ data ============
+    c, size = cfg.model.channels, cfg.model.image_size
+    skipped = []
+    if dataset is None:
+        dataset, skipped_obj = open_training_data(Path(data_path), size, c, progress=progress)
+        skipped = skipped_obj.items
+    if len(dataset) == 0:
+        raise GrandmotherError(f"no training images in {data_path}")
+    if skipped:
+        atomic_write_json(out_dir / "skipped.json", {"skipped": skipped})
+        print(f"skipped {len(skipped)} unreadable image(s); list in {out_dir / 'skipped.json'}")
+    order = BatchOrder(len(dataset), cfg.train.batch_size, cfg.train.seed)
+
+    # ============ model and optimizer ============
+    net = build_network(cfg, device)
+    net.train()
+    opt = build_optimizer(net.parameters(), cfg.train)
+    start_step, images_seen = 0, 0
+
+    # ============ resume ============
+    if ckpt is not None:
+        tensors, state, meta = load_checkpoint(ckpt, map_location=device)
+        net.load_state_dict(tensors)
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start_step, images_seen = meta["step"], meta["images_seen"]
+        print(f"resuming {out_dir} from step {start_step} ({images_seen} images seen)")
+    elif resume:
+        print(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
+    save_config(cfg, out_dir / "config.yaml")
+
+    def checkpoint(step):
+        meta = {"images_seen": images_seen, "model_signature": model_signature(cfg), "engine": "local",
+                "data": str(data_path), "dataset_size": len(dataset)}
+        save_checkpoint(out_dir, step, net.state_dict(), {"optimizer": opt.state_dict(), "rng": rng_state()}, meta)
+
+    # ============ training loop ============
+    steps = cfg.train.steps
+    metrics_path = out_dir / "metrics.jsonl"
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=None, dynamic_ncols=True)
+    completed = start_step
+    last_log_t, last_log_images, t0 = time.perf_counter(), images_seen, time.perf_counter()
+    record = None
+    try:
+        for step in range(start_step, steps):
+            batch = dataset.get_batch(order.indices(step)).to(device, non_blocking=True)
+            loss, terms = loss_and_terms(net, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
+            opt.step()
+            images_seen += batch.shape[0]
+            done = completed = step + 1
+            if done % cfg.train.log_every == 0 or done == steps:
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise GrandmotherError(f"the loss became {loss_value} at step {done}; lower --lr "
+                                           f"(now {cfg.train.lr}) and resume from the last checkpoint")
+                now = time.perf_counter()
+                record = {"step": done, "images": images_seen, "loss": loss_value,
+                          "stages": terms_to_floats(terms),
+                          "images_per_s": (images_seen - last_log_images) / max(now - last_log_t, 1e-9),
+                          "lr": cfg.train.lr, "elapsed_s": now - t0}
+                append_jsonl(metrics_path, record)
+                last_log_t, last_log_images = now, images_seen
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4g}", img_s=f"{record['images_per_s']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if done % cfg.train.checkpoint_every == 0 and done != steps:
+                checkpoint(done)
+    except KeyboardInterrupt:
+        # Keep the work done so far: a checkpoint at the last completed step, then stop.
+        if completed > start_step:
+            checkpoint(completed)
+            print(f"\ninterrupted: checkpoint written at step {completed}; continue with --resume")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # ============ final checkpoint ============
+    if steps > start_step or ckpt is None:
+        checkpoint(steps)
+    return {"steps": steps, "images_seen": images_seen, "final": record, "run_dir": str(out_dir),
+            "skipped": len(skipped)}

@@ -1,0 +1,160 @@
+"""Single-device training: it learns, it resumes exactly, checkpoints survive crashes, bad input is refused."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from grandmother.checkpoint import latest_checkpoint, load_checkpoint, load_run
+from grandmother.cli import main as cli
+from grandmother.config import load_config
+from grandmother.errors import GrandmotherError
+from grandmother.train import BatchOrder, train
+
+TINY = ["model.image_size=16", "model.stages.*.receptive_field=4", "model.stages.*.maps=2",
+        "model.stages.*.pool_size=2", "model.stages.*.lcn_size=3", "model.stages.*.lcn_sigma=1.0",
+        "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=1000"]
+
+
+def make_images(folder: Path, n: int = 24, size: int = 20, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        # smooth random images: low-frequency noise upsampled, so the autoencoder has structure to learn
+        small = rng.integers(0, 255, (5, 5), dtype=np.uint8)
+        Image.fromarray(small).resize((size, size), Image.BICUBIC).save(folder / f"img_{i:03d}.png")
+    return folder
+
+
+def sample_images(tmp_path):
+    from grandmother.samples import SAMPLE_DIR
+    if (SAMPLE_DIR / "train").is_dir():
+        return SAMPLE_DIR / "train"
+    pytest.skip("in-package sample not built (scripts/build_sample.py)")
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+    a, b = BatchOrder(10, 4, seed=3), BatchOrder(10, 4, seed=3)
+    seq_a = [a.indices(s) for s in range(6)]
+    seq_b = [b.indices(s) for s in reversed(range(6))][::-1]  # asked in another order
+    assert seq_a == seq_b
+    flat = sum(seq_a[:5], [])[:10]  # the first epoch is a permutation of all items
+    assert sorted(flat) == list(range(10))
+    assert BatchOrder(10, 4, seed=4).indices(0) != seq_a[0] or BatchOrder(10, 4, seed=4).indices(1) != seq_a[1]
+
+
+@pytest.mark.slow
+def test_training_small_preset_on_real_images_lowers_every_stage_objective(tmp_path):
+    data = sample_images(tmp_path)
+    cfg = load_config("small", ["train.steps=150", "train.batch_size=32", "train.log_every=10",
+                                "train.checkpoint_every=1000"])
+    train(cfg, data, tmp_path / "run", progress=False)
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 150 and lines[-1]["images"] == 150 * 32
+    first, last = lines[0]["stages"], lines[-1]["stages"]
+    for s, (a, b) in enumerate(zip(first, last)):
+        obj_a, obj_b = a["reconstruction"] + a["sparsity"], b["reconstruction"] + b["sparsity"]
+        assert obj_b < 0.8 * obj_a, f"stage {s} objective did not fall: {obj_a:.1f} -> {obj_b:.1f}"
+    assert all(l["images_per_s"] > 0 for l in lines)
+
+
+def test_resume_gives_identical_parameters(tmp_path):
+    data = make_images(tmp_path / "imgs")
+    full = load_config("small", TINY + ["train.steps=6"])
+    train(full, data, tmp_path / "full", progress=False)
+    half = load_config("small", TINY + ["train.steps=3"])
+    train(half, data, tmp_path / "split", progress=False)
+    train(full, data, tmp_path / "split", resume=True, progress=False)
+    a, _, meta_a = load_checkpoint(latest_checkpoint(tmp_path / "full"))
+    b, _, meta_b = load_checkpoint(latest_checkpoint(tmp_path / "split"))
+    assert meta_a["step"] == meta_b["step"] == 6 and meta_a["images_seen"] == meta_b["images_seen"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # and the optimizer state was really used: Adagrad from scratch at step 3 would differ
+    fresh = load_config("small", TINY + ["train.steps=3"])
+    train(fresh, data, tmp_path / "other", progress=False)
+    c, _, _ = load_checkpoint(latest_checkpoint(tmp_path / "other"))
+    assert not torch.equal(a["stages.0.filter.encoder"], c["stages.0.filter.encoder"])
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    data = make_images(tmp_path / "imgs")
+    cfg = load_config("small", TINY + ["train.steps=2"])
+    train(cfg, data, tmp_path / "run", progress=False)
+    before = latest_checkpoint(tmp_path / "run")
+    tensors_before, _, _ = load_checkpoint(before)
+
+    def crash(*a, **k):
+        raise OSError("disk full (simulated)")
+    import grandmother.checkpoint as ck
+    monkeypatch.setattr(ck.torch, "save", crash)  # model.safetensors is written, train_state.pt fails
+    with pytest.raises(OSError):
+        train(load_config("small", TINY + ["train.steps=4"]), data, tmp_path / "run", resume=True, progress=False)
+    monkeypatch.undo()
+    after = latest_checkpoint(tmp_path / "run")
+    assert after == before
+    tensors_after, state, meta = load_checkpoint(after)
+    assert meta["step"] == 2 and "optimizer" in state
+    assert all(torch.equal(tensors_before[k], tensors_after[k]) for k in tensors_before)
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*")), "temporary folder left behind"
+    cfg2, net, _ = load_run(tmp_path / "run")
+    assert net.num_parameters() > 0
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    data = make_images(tmp_path / "imgs", n=12)
+    (data / "broken.jpg").write_bytes(b"not a jpeg at all")
+    good = Image.new("L", (20, 20))
+    good.save(data / "trunc.png")
+    raw = (data / "trunc.png").read_bytes()
+    (data / "trunc.png").write_bytes(raw[: len(raw) // 2])
+    summary = train(load_config("small", TINY + ["train.steps=1"]), data, tmp_path / "run", progress=False)
+    skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())["skipped"]
+    assert summary["skipped"] == 2
+    assert sorted(Path(s["path"]).name for s in skipped) == ["broken.jpg", "trunc.png"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--preset", "nope", "--data", "X", "--out", "Y"], "unknown preset 'nope'"),
+    (["train", "--preset", "small", "--data", "/no/such/folder", "--out", "{tmp}/r"], "/no/such/folder"),
+    (["train", "--preset", "small", "--data", "{tmp}/empty", "--out", "{tmp}/r"], "no images found"),
+    (["train", "--preset", "small", "--set", "model.stages.0.receptive_field=40", "--data", "{tmp}", "--out",
+      "{tmp}/r"], "model.stages[0].receptive_field=40 is larger than its input"),
+    (["train", "--preset", "small", "--set", "model.colour=3", "--data", "{tmp}", "--out", "{tmp}/r"],
+     "unknown setting model.colour"),
+    (["model-info", "--preset", "small", "--set", "train.steps=abc"], "train.steps: expected int"),
+])
+def test_bad_input_gives_one_line_error(tmp_path, capsys, argv, needle):
+    (tmp_path / "empty").mkdir()
+    code = cli([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_unknown_flag_value_is_refused_by_argparse(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["train", "--optimizer", "lbfgs", "--out", "x"])
+    assert e.value.code == 2 and "--optimizer" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    data = make_images(tmp_path / "imgs")
+    train(load_config("small", TINY + ["train.steps=1"]), data, tmp_path / "run", progress=False)
+    with pytest.raises(GrandmotherError, match="different model .*maps: 2 in the checkpoint, 3 in the config"):
+        train(load_config("small", TINY + ["train.steps=2", "model.stages.*.maps=3"]), data, tmp_path / "run",
+              resume=True, progress=False)
+    with pytest.raises(GrandmotherError, match="already holds a run"):
+        train(load_config("small", TINY + ["train.steps=2"]), data, tmp_path / "run", progress=False)
+
+
+def test_model_info_json_counts(capsys):
+    assert cli(["model-info", "--preset", "paper", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"]["encoder"] == 260_410_464 + 544_195_584 + 412_252_416
+    assert info["parameters"]["total"] == 2 * info["parameters"]["encoder"]
+    assert len(info["stages"]) == 3 and info["flops_per_image"] > 12 * info["parameters"]["encoder"]

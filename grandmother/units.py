@@ -1,0 +1,63 @@
+"""Naming single units ("neurons") of a network, and reading their activations.
+
+A unit is one output of one sublayer: stage s, sublayer (filter, pool or lcn), map m, location (y, x).
+Its id is written  s{stage}.{sublayer}.m{map}.y{row}.x{col}  e.g.  s2.lcn.m3.y10.x12
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import GrandmotherError
+
+_UNIT_RE = re.compile(r"^s(\d+)\.(filter|pool|lcn)\.m(\d+)\.y(\d+)\.x(\d+)$")
+
+
+@dataclass(frozen=True)
+class Unit:
+    stage: int
+    sublayer: str
+    map: int
+    y: int
+    x: int
+
+    def __str__(self):
+        return f"s{self.stage}.{self.sublayer}.m{self.map}.y{self.y}.x{self.x}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Unit":
+        m = _UNIT_RE.match(text.strip())
+        if not m:
+            raise GrandmotherError(f"--unit {text!r}: expected s<stage>.<filter|pool|lcn>.m<map>.y<row>.x<col>, "
+                                   f"e.g. s2.lcn.m3.y10.x12")
+        s, sub, mp, y, x = m.groups()
+        return cls(int(s), sub, int(mp), int(y), int(x))
+
+    def check(self, net) -> "Unit":
+        """Raise a one-line error if the network has no such unit."""
+        shapes = {(s, name): shape for s, name, shape in net.sublayers()}
+        if (self.stage, self.sublayer) not in shapes:
+            have = ", ".join(f"s{s}.{n}" for s, n in shapes)
+            raise GrandmotherError(f"unit {self}: the network has no sublayer s{self.stage}.{self.sublayer} "
+                                   f"(it has {have})")
+        maps, h, w = shapes[(self.stage, self.sublayer)]
+        if not (self.map < maps and self.y < h and self.x < w):
+            raise GrandmotherError(f"unit {self}: outside s{self.stage}.{self.sublayer}, which has {maps} maps "
+                                   f"of {h}x{w} (m0..m{maps - 1}, y0..y{h - 1}, x0..x{w - 1})")
+        return self
+
+
+def unit_from_index(stage: int, sublayer: str, shape: tuple[int, int, int], flat_index: int) -> Unit:
+    """The unit at position `flat_index` of a sublayer's activations flattened as (maps, h, w)."""
+    _, h, w = shape
+    m, rest = divmod(int(flat_index), h * w)
+    y, x = divmod(rest, w)
+    return Unit(stage, sublayer, m, y, x)
+
+
+def unit_activation(net, x: torch.Tensor, unit: Unit) -> torch.Tensor:
+    """Activations (B,) of one unit for a prepared input batch x; differentiable in x."""
+    out = net(x, objective=False, upto=unit.stage + 1)
+    return out.stages[unit.stage][unit.sublayer][:, unit.map, unit.y, unit.x]

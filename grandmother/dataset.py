@@ -1,0 +1,287 @@
+"""A sharded image dataset on disk (DATA_DIR), its reader, and a fast batch loader.
+
+Layout of a DATA_DIR (written by `grandmother ingest`, `filter-faces` and `testset`):
+
+    index.json          {"format": "grandmother-dataset", "images": N, "size": S, "channels": C,
+                         "color": "rgb"|"gray", "shards": [{"file": "shard_00000.npy", "images": n}, ...],
+                         "skipped": [{"path", "reason"}], "duplicates": D, "sources": [...], ...}
+    shard_00000.npy     uint8 (n, S, S, C), plain NumPy .npy, opened with np.load(mmap_mode="r")
+    shard_00000.json    per-shard provenance: {"items": [{"path", "frame"?}, ...], "hashes": [...], ...}
+
+Every file is written to a temporary name and renamed (grandmother/io.py); a shard counts as finished
+once its .json exists (written after its .npy). A dataset is built in `OUT.partial/` and renamed to
+`OUT` only after index.json is written, so `OUT` is either absent or complete, never half overwritten.
+
+Reading: `open_dataset(path)` -> ShardedDataset (`len`, `ds[i]` -> (C,S,S) uint8 tensor,
+`ds.get_batch(indices)` -> (B,C,S,S) uint8 tensor). Shards are memory-mapped lazily in each process,
+so the dataset pickles cheaply into DataLoader workers. `load_batches` / `shuffled_batches` feed
+training from background worker processes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .errors import GrandmotherError
+from .io import atomic_path, atomic_write_json
+
+FORMAT = "grandmother-dataset"
+COLORS = {"rgb": 3, "gray": 1}
+
+
+def shard_name(k: int) -> str:
+    return f"shard_{k:05d}.npy"
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a dataset is built before it is renamed to `out`."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def write_shard(folder: Path, k: int, images: np.ndarray, meta: dict) -> None:
+    """Shard k: the .npy first, then its .json (the .json's presence marks the shard finished)."""
+    folder = Path(folder)
+    assert images.dtype == np.uint8 and images.ndim == 4, images.shape
+    with atomic_path(folder / shard_name(k)) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(images))
+    atomic_write_json(folder / shard_name(k).replace(".npy", ".json"), meta, indent=None)
+
+
+def read_shard_meta(folder: Path, k: int) -> dict | None:
+    path = Path(folder) / shard_name(k).replace(".npy", ".json")
+    if not path.is_file() or not (Path(folder) / shard_name(k)).is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a torn metadata file counts as unfinished; the shard is redone
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber something that is not ours; a finished dataset needs --overwrite."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GrandmotherError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "index.json").is_file():
+            raise GrandmotherError(f"--out {out}: folder exists, is not empty and is not a dataset; choose another --out")
+        if not overwrite:
+            raise GrandmotherError(f"--out {out}: already holds a finished dataset; pass --overwrite to replace it "
+                                   f"or choose another --out")
+
+
+def finish_dataset(work: Path, out: Path, index: dict) -> None:
+    """Write index.json into the work folder, then swap it into place as `out`.
+
+    The old dataset (if --overwrite) is moved aside first and deleted only after the new one is in place.
+    """
+    work, out = Path(work), Path(out)
+    index = {"format": FORMAT, **index}
+    atomic_write_json(work / "index.json", index)
+    old = None
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    work.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_dataset(out: Path, blocks: Iterable[tuple[np.ndarray, list[dict]]], size: int, channels: int,
+                  index: dict, overwrite: bool = False, extra_files=None) -> dict:
+    """Write blocks of (uint8 (n,S,S,C) images, n provenance items), one shard each, as a finished dataset.
+
+    Used by filter-faces and testset; streams, so a dataset larger than memory can be rewritten.
+    `extra_files(work_dir)` may write more files (labels, lists) before the dataset is put in place.
+    """
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    work = partial_dir(out)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    shards, total = [], 0
+    for k, (images, items) in enumerate(blocks):
+        assert len(images) == len(items) and images.shape[1:] == (size, size, channels), images.shape
+        write_shard(work, k, images, {"items": items})
+        shards.append({"file": shard_name(k), "images": int(len(images))})
+        total += len(images)
+    index = {"images": int(total), "size": int(size), "channels": int(channels),
+             "color": "rgb" if channels == 3 else "gray", "shards": shards, **index}
+    if extra_files is not None:
+        extra_files(work)
+    finish_dataset(work, out, index)
+    return {"format": FORMAT, **index}
+
+
+# ---------------------------------------------------------------- reading
+
+class ShardedDataset(torch.utils.data.Dataset):
+    """The images of a DATA_DIR, memory-mapped. Items are (C, S, S) uint8 tensors.
+
+    `resize_to(size, channels)` gives a view that converts each image on the fly with
+    grandmother.data.fit_image (the same PIL conversion ingest uses), for a model whose input is
+    smaller than the dataset's images or gray where the dataset is rgb.
+    """
+
+    def __init__(self, root: Path, index: dict):
+        self.root = Path(root)
+        self.index = index
+        self.size, self.channels = int(index["size"]), int(index["channels"])
+        counts = [int(s["images"]) for s in index["shards"]]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._arrays = None
+        self.target = None  # (size, channels) when converting on the fly
+
+    def __getstate__(self):  # memmaps are reopened in each worker process, not pickled
+        state = dict(self.__dict__)
+        state["_arrays"] = None
+        return state
+
+    def _shards(self) -> list[np.ndarray]:
+        if self._arrays is None:
+            arrays = []
+            for s in self.index["shards"]:
+                if int(s["images"]) == 0:
+                    arrays.append(np.zeros((0, self.size, self.size, self.channels), np.uint8))
+                    continue
+                a = np.load(self.root / s["file"], mmap_mode="r")
+                if a.shape != (int(s["images"]), self.size, self.size, self.channels) or a.dtype != np.uint8:
+                    raise GrandmotherError(f"{self.root / s['file']}: shape {a.shape} {a.dtype} does not match "
+                                           f"index.json; the dataset is damaged, re-run ingest into a new --out")
+                arrays.append(a)
+            self._arrays = arrays
+        return self._arrays
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def items(self) -> list[dict]:
+        """Provenance of every image, in order ({"path": ..., "frame": ...})."""
+        out = []
+        for s in self.index["shards"]:
+            meta = json.loads((self.root / s["file"].replace(".npy", ".json")).read_text())
+            out.extend(meta["items"])
+        return out
+
+    def get_array(self, indices) -> np.ndarray:
+        """(B, S, S, C) uint8 numpy array at the dataset's own size."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"index out of range for a dataset of {n} images")
+        idx = np.where(idx < 0, idx + n, idx)
+        out = np.empty((len(idx), self.size, self.size, self.channels), np.uint8)
+        shard_of = np.searchsorted(self.offsets, idx, side="right") - 1
+        shards = self._shards()
+        for k in np.unique(shard_of):
+            where = np.nonzero(shard_of == k)[0]
+            local = idx[where] - self.offsets[k]
+            order = np.argsort(local, kind="stable")  # ascending reads are kinder to the page cache
+            out[where[order]] = shards[k][local[order]]
+        return out
+
+    def _convert(self, arr: np.ndarray) -> np.ndarray:
+        if self.target is None:
+            return arr
+        from PIL import Image
+        from .data import fit_image
+        size, channels = self.target
+        mode = "L" if self.channels == 1 else "RGB"
+        return np.stack([fit_image(Image.fromarray(a[:, :, 0] if self.channels == 1 else a, mode), size, channels)
+                         for a in arr]) if len(arr) else np.zeros((0, size, size, channels), np.uint8)
+
+    def get_batch(self, indices) -> torch.Tensor:
+        """(B, C, H, W) uint8 tensor for a list of indices."""
+        arr = self._convert(self.get_array(indices))
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
+
+    def __getitem__(self, i):
+        if isinstance(i, (list, tuple, np.ndarray, torch.Tensor)):
+            return self.get_batch(i)
+        return self.get_batch([int(i)])[0]
+
+    def check_fits(self, size: int, channels: int) -> None:
+        """Accept a model input of `size` x `size` x `channels`, converting on the fly if needed.
+
+        Smaller dataset images than the model input, or gray images for an rgb model, are errors:
+        upsampling or inventing colour would train on made-up pixels.
+        """
+        if self.size < size:
+            raise GrandmotherError(f"{self.root}: images are {self.size}x{self.size} but the model input is "
+                                   f"{size}x{size}; re-run ingest with --size {size} or larger")
+        if self.channels < channels:
+            raise GrandmotherError(f"{self.root}: images are gray but the model wants rgb; re-run ingest with --color rgb")
+        self.target = None if (self.size, self.channels) == (size, channels) else (size, channels)
+
+    def resize_to(self, size: int, channels: int) -> "ShardedDataset":
+        self.check_fits(size, channels)
+        return self
+
+
+def open_dataset(path: Path) -> ShardedDataset:
+    """Open a DATA_DIR; a clear one-line error if it is not one."""
+    path = Path(path)
+    unfinished = " (an unfinished ingest; re-run the same ingest command to finish it)" if partial_dir(path).is_dir() else ""
+    if not path.exists():
+        raise GrandmotherError(f"{path}: does not exist{unfinished}")
+    index_path = path / "index.json"
+    if not index_path.is_file():
+        raise GrandmotherError(f"{path}: not a dataset (no index.json){unfinished}")
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise GrandmotherError(f"{index_path}: unreadable ({e})") from None
+    if index.get("format") != FORMAT or not isinstance(index.get("shards"), list):
+        raise GrandmotherError(f"{path}: index.json is not a grandmother dataset index")
+    missing = [s["file"] for s in index["shards"] if not (path / s["file"]).is_file()]
+    if missing:
+        raise GrandmotherError(f"{path}: shard {missing[0]} listed in index.json is missing")
+    return ShardedDataset(path, index)
+
+
+# ---------------------------------------------------------------- loading batches for training
+
+class _BatchFetcher(torch.utils.data.Dataset):
+    """Map-style wrapper whose 'index' is a whole list of indices, so a worker returns a whole batch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, indices):
+        return self.dataset.get_batch(indices)
+
+    def __len__(self):
+        return len(self.dataset)
+
+
+def load_batches(dataset, index_batches: Iterable[list[int]], workers: int = 0, prefetch: int = 4,
+                 pin_memory: bool = False) -> Iterator[torch.Tensor]:
+    """Yield dataset.get_batch(b) for each index list b, decoded by `workers` background processes.
+
+    The batches come in the order given, so a trainer that derives them from (seed, step) keeps exact
+    resume. With workers=0 the batches are fetched in the calling process.
+    """
+    loader = torch.utils.data.DataLoader(
+        _BatchFetcher(dataset), sampler=index_batches, batch_size=None, num_workers=workers,
+        prefetch_factor=prefetch if workers > 0 else None, pin_memory=pin_memory,
+        persistent_workers=False)
+    yield from loader
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int, epochs: int = 1) -> Iterator[list[int]]:
+    """Index lists of a fresh seeded permutation of all n images (across all shards) per epoch."""
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        perm = rng.permutation(n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield perm[start:start + batch_size].tolist()

@@ -52,6 +52,10 @@ def stage_shapes(model_cfg) -> list[StageShape]:
                 raise ConfigError(f"model.stages[{i}].pool_size={s.pool_size} is larger than the "
                                   f"{fh}x{fw} filter output")
             ph, pw = conv_out(fh, s.pool_size, s.pool_stride), conv_out(fw, s.pool_size, s.pool_stride)
+            if model_cfg.lcn and s.lcn_size % 2 == 0:
+                # LCN keeps its input's size with a window centred on each location: odd sizes only.
+                raise ConfigError(f"model.stages[{i}].lcn_size={s.lcn_size} must be odd "
+                                  f"(the LCN window is centred on each location)")
         m = s.maps
         n_enc = fh * fw * m * c * k * k
         mac = n_enc  # multiply-adds of the encoder for one image; the decoder has as many

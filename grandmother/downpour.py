@@ -45,7 +45,7 @@ from .data import open_training_data
 from .downpour_ps import FlatLayout, ParamShard, shard_bounds
 from .downpour_replica import Replica
 from .errors import GrandmotherError
-from .io import append_jsonl, atomic_write_json
+from .io import append_jsonl, atomic_write_json, truncate_jsonl
 from .train import build_network, seed_everything
 
 MAX_RESTARTS = 3  # per replica; a replica that keeps dying is a bug, not bad luck
@@ -253,6 +253,7 @@ def train_downpour(cfg: Config, data_path: Path, out_dir: Path, resume: bool = F
         tensors, state, meta = load_checkpoint(ckpt)
         flat = layout.flatten(tensors)
         shard_states = state["ps_shards"]
+        truncate_jsonl(out_dir / "metrics.jsonl", meta["step"])  # lines the interrupted run logged past it
         print(f"resuming {out_dir} from step {meta['step']} ({meta['images_seen']} images seen)")
     else:
         flat = layout.flatten(dict(net.named_parameters()))

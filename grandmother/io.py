@@ -42,3 +42,28 @@ def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
+
+
+def truncate_jsonl(path: Path, max_step: int, key: str = "step") -> int:
+    """Drop records with record[key] > max_step (atomically); returns how many were dropped.
+
+    A resumed run restarts at its checkpoint, so metrics logged after that checkpoint by the interrupted
+    run would otherwise appear twice. Lines that are not whole JSON (a crash mid-write) are dropped too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get(key), (int, float)) and rec[key] > max_step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    return dropped

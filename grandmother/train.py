@@ -20,7 +20,7 @@ from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, m
 from .config import Config, save_config
 from .data import open_training_data
 from .errors import GrandmotherError
-from .io import append_jsonl, atomic_write_json
+from .io import append_jsonl, atomic_write_json, truncate_jsonl
 from .model import Network
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,12 @@ def train(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, pro
     if ckpt is not None and not resume:
         raise GrandmotherError(f"{out_dir} already holds a run (checkpoint {ckpt.name}); pass --resume to "
                                f"continue it, or choose another --out")
-    if ckpt is not None:  # refuse a checkpoint of another model before any slow work
-        check_compatible(read_meta(ckpt), cfg, ckpt)
+    if ckpt is not None:  # refuse a checkpoint of another model or engine before any slow work
+        meta = read_meta(ckpt)
+        check_compatible(meta, cfg, ckpt)
+        if meta.get("engine", "local") != "local":
+            raise GrandmotherError(f"checkpoint {ckpt} was written by --engine {meta['engine']}; resume it with "
+                                   f"that engine, or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
 
@@ -138,6 +142,7 @@ def train(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, pro
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step, images_seen = meta["step"], meta["images_seen"]
+        truncate_jsonl(out_dir / "metrics.jsonl", start_step)  # lines the interrupted run logged past it
         print(f"resuming {out_dir} from step {start_step} ({images_seen} images seen)")
     elif resume:
         print(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")

@@ -158,3 +158,26 @@ def test_model_info_json_counts(capsys):
     assert info["parameters"]["encoder"] == 260_410_464 + 544_195_584 + 412_252_416
     assert info["parameters"]["total"] == 2 * info["parameters"]["encoder"]
     assert len(info["stages"]) == 3 and info["flops_per_image"] > 12 * info["parameters"]["encoder"]
+
+
+def test_resume_after_interruption_logs_each_step_once(tmp_path):
+    """An interrupted run logged steps past its last checkpoint; the resumed run redoes them, once."""
+    data = make_images(tmp_path / "imgs")
+    run = tmp_path / "run"
+    train(load_config("small", TINY + ["train.steps=2"]), data, run, progress=False)
+    with open(run / "metrics.jsonl", "a") as f:  # what the interrupted run logged after step 2, then a torn line
+        f.write(json.dumps({"step": 3, "images": 24}) + "\n" + '{"step": 4, "ima')
+    train(load_config("small", TINY + ["train.steps=5"]), data, run, resume=True, progress=False)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_checkpoint_of_another_engine_is_refused(tmp_path):
+    data = make_images(tmp_path / "imgs")
+    run = tmp_path / "run"
+    train(load_config("small", TINY + ["train.steps=1"]), data, run, progress=False)
+    meta_path = latest_checkpoint(run) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "engine": "downpour"}))
+    with pytest.raises(GrandmotherError, match="written by --engine downpour"):
+        train(load_config("small", TINY + ["train.steps=2"]), data, run, resume=True, progress=False)

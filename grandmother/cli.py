@@ -16,6 +16,14 @@ from .errors import GrandmotherError
 # Modules providing subcommands, in the order `grandmother --help` lists them.
 COMMAND_MODULES = [
     "grandmother.commands_model",  # model-info, train, demo
+    "grandmother.commands_data",  # ingest, audit, filter-faces, testset, bench-data
+    "grandmother.commands_downpour",  # bench-downpour
+    "grandmother.commands_classify",  # classify
+    "grandmother.probe",  # probe
+    "grandmother.visualize",  # visualize
+    "grandmother.invariance",  # invariance
+    "grandmother.report",  # report
+    "grandmother.bench",  # bench (locally connected kernels)
 ]
 
 

@@ -1,0 +1,400 @@
+"""One self-contained HTML report of a run: training curves, Table 1, every figure, and the commands.
+
+    grandmother report RUN_DIR --out report.html
+    grandmother report RUN_DIR --out report.html --probe P1 --probe P2 --visualize V --invariance I --classify C
+
+Where the results come from: the folders given with --probe / --visualize / --invariance / --classify
+(each flag repeatable). When none is given, they are discovered: every folder directly inside RUN_DIR or
+beside it (in RUN_DIR's parent) holding probe.json, visualize.json, invariance.json or classify.json
+whose recorded "run_dir" (probe.json: "run") is RUN_DIR (files that record no run_dir are taken too). Discovery is per
+kind: `--probe P` alone still discovers the visualize, invariance and classify folders. That is the layout
+`grandmother demo` writes: OUT/run, OUT/probe_faces, OUT/visualize, OUT/invariance, OUT/report.html.
+
+Images are inlined as base64 PNG (data: URLs), so the one file can be mailed or opened anywhere.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import GrandmotherError
+from .io import atomic_write_text
+from .visualize import command_line, pyplot
+
+# Table 1 columns: key in probe.json ("best" or a "baselines" entry) and the paper's column name.
+TABLE_COLUMNS = [
+    ("random_guess", "Random guess"),
+    ("random_weights", "Same architecture, random weights"),
+    ("linear_filter", "Best linear filter"),
+    ("first_stage", "Best first-layer neuron"),
+    ("best", "Best neuron"),
+    ("no_lcn", "Best neuron without contrast normalization"),
+    ("deep_autoencoder_3", "Deep autoencoder, 3 layers"),
+    ("deep_autoencoder_6", "Deep autoencoder, 6 layers"),
+    ("kmeans", "K-means on 40x40 images"),
+]
+ALWAYS_SHOWN = {"random_guess", "random_weights", "linear_filter", "first_stage", "best"}
+
+# Le et al., ICML 2012, Table 1 (accuracy %, test sets of 37,000 images, 64.8% negatives). Collected in
+# ../shared/paper/NOTES.md; the best-neuron cells are the paper's text, the others are recalled there.
+PAPER_TABLE1 = {
+    "faces": {"random_guess": 64.8, "random_weights": 67.0, "linear_filter": 74.0, "first_stage": 71.0,
+              "best": 81.7, "no_lcn": 78.5, "deep_autoencoder_3": 72.3, "deep_autoencoder_6": 70.9, "kmeans": 72.5},
+    "human bodies": {"random_guess": 64.8, "random_weights": 66.5, "linear_filter": 68.1, "first_stage": 67.2,
+                     "best": 76.7, "no_lcn": 71.8, "deep_autoencoder_3": 71.2, "deep_autoencoder_6": 69.8,
+                     "kmeans": 69.3},
+    "cat faces": {"random_guess": 64.8, "random_weights": 66.0, "linear_filter": 67.2, "first_stage": 67.1,
+                  "best": 74.8, "no_lcn": 69.3, "deep_autoencoder_3": 67.5, "deep_autoencoder_6": 68.3,
+                  "kmeans": 68.5},
+}
+
+RESULT_FILES = {"probe": "probe.json", "visualize": "visualize.json", "invariance": "invariance.json",
+                "classify": "classify.json"}
+
+
+# ---------------------------------------------------------------- reading results
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise GrandmotherError(f"{path}: unreadable ({e})") from None
+
+
+def result_dirs(kind: str, given: list[Path] | None, run_dir: Path) -> list[Path]:
+    """Folders holding `kind`'s JSON: the given ones (checked), or the discovered ones."""
+    name = RESULT_FILES[kind]
+    if given:
+        for d in given:
+            if not (Path(d) / name).is_file():
+                raise GrandmotherError(f"--{kind} {d}: no {name} there")
+        return [Path(d) for d in given]
+    run_dir = Path(run_dir).resolve()
+    found = []
+    for parent in (run_dir, run_dir.parent):
+        for d in sorted(p for p in parent.iterdir() if p.is_dir()):
+            f = d / name
+            if f.is_file() and d.resolve() not in [x.resolve() for x in found]:
+                data = read_json(f)
+                recorded = data.get("run_dir") or data.get("run")  # probe.json names it "run"
+                if recorded is None or Path(recorded).resolve() == run_dir:
+                    found.append(d)
+    return found
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl records with a step; torn or foreign lines are skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "step" in rec and "loss" in rec:
+                records.append(rec)
+    # A run resumed from an older checkpoint logs some steps twice: keep the latest line of each step.
+    by_step = {r["step"]: r for r in records}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def percent(value) -> float | None:
+    """An accuracy as a percentage; probe files may hold fractions (0.817) or dicts with "accuracy"."""
+    if isinstance(value, dict):
+        value = value.get("accuracy")
+    if value is None:
+        return None
+    value = float(value)
+    return value * 100.0 if value <= 1.0 else value
+
+
+def concept_name(probe: dict, folder: Path) -> str:
+    name = probe.get("concept") or folder.name
+    return name[len("probe_"):] if name.startswith("probe_") else name
+
+
+def table_row(probe: dict) -> dict[str, float | None]:
+    row = {key: percent(v) for key, v in (probe.get("baselines") or {}).items()}
+    row["best"] = percent(probe.get("best"))
+    return row
+
+
+# ---------------------------------------------------------------- pieces of HTML
+
+def inline_png(path: Path, alt: str, width: int | None = None) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    w = f' width="{width}"' if width else ""
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"{w}>'
+
+
+def figure_png(fig) -> bytes:
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    pyplot().close(fig)
+    return buf.getvalue()
+
+
+def png_tag(data: bytes, alt: str) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" alt="{html.escape(alt)}">'
+
+
+def training_curves(records: list[dict]) -> bytes | None:
+    """Total loss, and each stage's reconstruction and sparsity terms, against images seen."""
+    if not records:
+        return None
+    plt = pyplot()
+    x = np.array([r.get("images", r["step"]) for r in records], float)
+    xlabel = "images seen" if "images" in records[0] else "step"
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    axes[0].plot(x, [r["loss"] for r in records], color="black")
+    axes[0].set_title("training objective (all stages)")
+    n_stages = max((len(r.get("stages") or []) for r in records), default=0)
+    for s in range(n_stages):
+        pts = [(xi, r["stages"][s]) for xi, r in zip(x, records) if len(r.get("stages") or []) > s]
+        xs = [p[0] for p in pts]
+        axes[1].plot(xs, [p[1].get("reconstruction", np.nan) for p in pts], label=f"stage {s}")
+        axes[2].plot(xs, [p[1].get("sparsity", np.nan) for p in pts], label=f"stage {s}")
+    axes[1].set_title("reconstruction ||W2 W1 x - x||^2")
+    axes[2].set_title("sparsity lambda * sum sqrt(eps + H y^2)")
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        if all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
+            ax.set_yscale("log")  # the terms fall over orders of magnitude early in training
+        if ax is not axes[0] and n_stages:
+            ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
+def fmt(v: float | None) -> str:
+    return "&mdash;" if v is None else f"{v:.1f}"
+
+
+def table_html(rows: list[tuple[str, dict]], columns: list[tuple[str, str]], bold_best: bool = True) -> str:
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
+    body = []
+    for concept, row in rows:
+        cells = []
+        for key, _ in columns:
+            v = row.get(key)
+            cell = fmt(v)
+            bold = bold_best and key == "best" and v is not None
+            cells.append(f"<td><b>{cell}</b></td>" if bold else f"<td>{cell}</td>")
+        body.append(f"<tr><th>{html.escape(concept)}</th>{''.join(cells)}</tr>")
+    return f"<table><tr><th>concept</th>{head}</tr>{''.join(body)}</table>"
+
+
+def commands_html(commands: list[str]) -> str:
+    if not commands:
+        return "<p>(no commands recorded)</p>"
+    return "<pre>" + "\n".join(html.escape(c) for c in commands) + "</pre>"
+
+
+def kv_table(pairs: list[tuple[str, str]]) -> str:
+    return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                               for k, v in pairs) + "</table>"
+
+
+CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}
+th{background:#f2f2f2}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:90%}
+img{max-width:100%;margin:4px;vertical-align:top}.note{color:#555;font-size:90%}h2{border-bottom:1px solid #ccc}"""
+
+
+# ---------------------------------------------------------------- sections
+
+def section_training(run_dir: Path, records: list[dict]) -> tuple[str, dict]:
+    from .checkpoint import latest_checkpoint, read_meta
+    from .config import read_config
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise GrandmotherError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = read_config(cfg_path)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise GrandmotherError(f"run directory {run_dir} has no checkpoint")
+    meta = read_meta(ckpt)
+    m = cfg.model
+    stages = ", ".join(f"{s.maps} maps of {s.receptive_field}x{s.receptive_field} stride {s.stride}, "
+                       f"pool {s.pool_size}" for s in m.stages)
+    scale = {"preset": cfg.preset, "steps": meta.get("step"), "images_seen": meta.get("images_seen"),
+             "training_images": meta.get("dataset_size"), "batch_size": cfg.train.batch_size,
+             "engine": meta.get("engine", cfg.engine)}
+    pairs = [("preset", cfg.preset), ("input", f"{m.image_size}x{m.image_size}x{m.channels}"),
+             ("stages", stages), ("contrast normalization", "yes" if m.lcn else "no (ablation)"),
+             ("training data", meta.get("data", "?")), ("training images", meta.get("dataset_size", "?")),
+             ("steps", meta.get("step")), ("images seen", meta.get("images_seen")),
+             ("optimizer", f"{cfg.train.optimizer}, lr {cfg.train.lr}, batch {cfg.train.batch_size}"),
+             ("engine", scale["engine"])]
+    if records and "elapsed_s" in records[-1]:
+        pairs.append(("training time of the last session", f"{records[-1]['elapsed_s']:.0f} s"))
+    parts = ["<h2>Training</h2>",
+             f'<p class="note">Scale: {scale["steps"]} steps, {scale["images_seen"]} images seen '
+             f'(paper: 10 million 200x200 frames, 1,000 machines for three days). Numbers below reflect this '
+             f'scale only.</p>', kv_table(pairs)]
+    png = training_curves(records)
+    parts.append(png_tag(png, "training curves") if png else "<p>(no metrics.jsonl lines)</p>")
+    parts.append(f"<details><summary>config.yaml</summary><pre>{html.escape(cfg_path.read_text())}</pre></details>")
+    return "\n".join(parts), scale
+
+
+def section_table1(probes: list[tuple[Path, dict]]) -> str:
+    rows = [(concept_name(p, d), table_row(p)) for d, p in probes]
+    present = {k for _, row in rows for k, v in row.items() if v is not None}
+    columns = [(k, label) for k, label in TABLE_COLUMNS if k in ALWAYS_SHOWN or k in present]
+    parts = ["<h2>Table 1: accuracy of the best neuron against the baselines</h2>"]
+    if rows:
+        parts.append(table_html(rows, columns))
+        parts.append('<p class="note">Accuracy (%) of "activation &gt; threshold means positive" on each test set, '
+                     'best of 20 equally spaced thresholds per unit (paper protocol); random guess = majority '
+                     'class. &mdash; = not computed.</p>')
+    else:
+        parts.append("<p>No probe results found (run <code>grandmother probe</code>).</p>")
+    parts.append("<h3>The paper's Table 1, for reference</h3>")
+    parts.append(table_html(list(PAPER_TABLE1.items()), TABLE_COLUMNS, bold_best=True))
+    parts.append('<p class="note">Le et al., ICML 2012, Table 1; 37,000-image test sets. Best-neuron cells from the '
+                 "paper's text; the other cells as collected in the project's paper notes. Their network saw 10 "
+                 "million frames; compare margins over the baselines, not absolute numbers.</p>")
+    for d, p in probes:
+        best = p.get("best") or {}
+        parts.append(f"<h3>Probe: {html.escape(concept_name(p, d))}</h3>")
+        pairs = [("best unit", best.get("unit")), ("accuracy", fmt(percent(best))),
+                 ("threshold", best.get("threshold")), ("test set", p.get("testset", "?"))]
+        parts.append(kv_table([(k, v) for k, v in pairs if v is not None]))
+        top = p.get("top") or []
+        if top:
+            rows_top = "".join(f"<tr><td>{i + 1}</td><td>{html.escape(str(t.get('unit')))}</td>"
+                               f"<td>{fmt(percent(t))}</td></tr>" for i, t in enumerate(top[:10]))
+            parts.append(f"<details><summary>top {min(10, len(top))} of {len(top)} units</summary><table>"
+                         f"<tr><th>#</th><th>unit</th><th>accuracy</th></tr>{rows_top}</table></details>")
+        per = p.get("per_sublayer") or {}
+        if per:
+            rows_sub = "".join(f"<tr><th>{html.escape(k)}</th>"
+                               f"<td>{html.escape(str(v.get('unit', '')) if isinstance(v, dict) else '')}</td>"
+                               f"<td>{fmt(percent(v))}</td></tr>" for k, v in per.items())
+            parts.append(f"<details><summary>best unit of each sublayer</summary><table><tr><th>sublayer</th>"
+                         f"<th>unit</th><th>accuracy</th></tr>{rows_sub}</table></details>")
+    return "\n".join(parts)
+
+
+def section_visualize(items: list[tuple[Path, dict]]) -> str:
+    parts = []
+    for d, v in items:
+        files = v.get("files", {})
+        st = v.get("optimal_stimulus", {})
+        top = v.get("top_images", {})
+        parts.append(f"<h2>Unit {html.escape(str(v.get('unit')))}: {html.escape(str(v.get('concept', '')))}</h2>")
+        parts.append("<h3>Histogram of activations (Figure 2)</h3>")
+        if (d / files.get("histogram", "histogram.png")).is_file():
+            parts.append(inline_png(d / files.get("histogram", "histogram.png"), "histogram"))
+        parts.append(f'<p class="note">Test set subsampled to as many negatives as positives '
+                     f'({v.get("histogram", {}).get("images_per_class", "?")} each). Red: positives, '
+                     f'blue: negatives.</p>')
+        parts.append("<h3>Top test images (Figure 3, top)</h3>")
+        if (d / files.get("top_images", "top_images.png")).is_file():
+            parts.append(inline_png(d / files.get("top_images", "top_images.png"), "top images"))
+        parts.append(f'<p class="note">{top.get("positives_among_top", "?")} of the top {top.get("count", "?")} '
+                     f'are positives (red frame); blue frames are negatives.</p>')
+        parts.append("<h3>Optimal stimulus (Figure 3, bottom)</h3>")
+        if (d / files.get("optimal_stimulus", "optimal_stimulus.png")).is_file():
+            parts.append(inline_png(d / files.get("optimal_stimulus", "optimal_stimulus.png"), "optimal stimulus"))
+        if st:
+            parts.append(f'<p class="note">x* = argmax f(x) on the sphere ||x|| = {st.get("radius", 0):.4g} in the '
+                         f'network\'s input space (shown as x*/||x*||, min-max scaled), projected gradient ascent '
+                         f'with Armijo line search, {st.get("restarts")} random starts. '
+                         f'f(x*) = {st.get("value", 0):.4g}; '
+                         f'best test image: {st.get("best_test_activation", 0):.4g}.</p>')
+    return "\n".join(parts)
+
+
+def section_invariance(items: list[tuple[Path, dict]]) -> str:
+    parts = []
+    for d, inv in items:
+        parts.append(f"<h2>Invariance of unit {html.escape(str(inv.get('unit')))} (Figure 4)</h2>")
+        for name, f in (inv.get("files") or {}).items():
+            if (d / f).is_file():
+                parts.append(inline_png(d / f, name))
+        parts.append(f'<p class="note">Mean response over {len(inv.get("images", []))} images; '
+                     f'{html.escape(str(inv.get("interpolation")))} interpolation, borders by '
+                     f'{html.escape(str(inv.get("border")))}; shifts in pixels at the {inv.get("input_size")}-pixel '
+                     f'network input. ' + ("No rotation sequences were given." if "rotation" not in inv.get("files", {})
+                                           else "") + "</p>")
+    return "\n".join(parts)
+
+
+def section_classify(items: list[tuple[Path, dict]]) -> str:
+    parts = []
+    for d, c in items:
+        parts.append(f"<h2>Classification: {html.escape(d.name)}</h2>")
+        pairs = [("accuracy", fmt(percent(c.get("accuracy"))))]
+        if c.get("finetuned") is not None:
+            pairs.append(("accuracy after fine-tuning", fmt(percent(c["finetuned"]))))
+        if c.get("chance") is not None:
+            pairs.append(("chance (majority class)", fmt(percent(c["chance"]))))
+        for k, v in (c.get("baselines") or {}).items():
+            pairs.append((f"baseline: {k}", fmt(percent(v))))
+        parts.append(kv_table(pairs))
+        per = c.get("per_class")
+        if isinstance(per, dict) and per:
+            body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{fmt(percent(v))}</td></tr>" for k, v in per.items())
+            parts.append(f"<details><summary>per class</summary><table>{body}</table></details>")
+        for png in sorted(d.glob("*.png")):
+            parts.append(inline_png(png, png.stem))
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- the report
+
+def build_report(run_dir: Path, out: Path, probes=None, visualize=None, invariance=None, classify=None,
+                 command: str | None = None, first_commands: list[str] | None = None) -> dict:
+    """Write the HTML report; `first_commands` (e.g. the training command) are listed before the rest."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise GrandmotherError(f"RUN_DIR {run_dir}: not a folder")
+    records = read_metrics(run_dir)
+    training, scale = section_training(run_dir, records)
+    found = {kind: [(d, read_json(d / RESULT_FILES[kind])) for d in result_dirs(kind, given, run_dir)]
+             for kind, given in (("probe", probes), ("visualize", visualize), ("invariance", invariance),
+                                 ("classify", classify))}
+    commands = list(first_commands or [])
+    for kind in ("probe", "visualize", "invariance", "classify"):
+        commands += [c for _, j in found[kind] for c in (j.get("commands") or [])]
+    if command:
+        commands.append(command)
+    title = f"grandmother report: {run_dir.resolve().name}"
+    body = [f"<h1>{html.escape(title)}</h1>",
+            f'<p class="note">Run directory {html.escape(str(run_dir.resolve()))}; written '
+            f'{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC. Le et al., "Building High-level Features '
+            f'Using Large Scale Unsupervised Learning", ICML 2012.</p>',
+            section_table1(found["probe"]), training, section_visualize(found["visualize"]),
+            section_invariance(found["invariance"]), section_classify(found["classify"]),
+            "<h2>Commands that produced these results</h2>", commands_html(commands)]
+    page = (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    atomic_write_text(Path(out), page)
+    return {"out": str(out), "scale": scale, "rows": [(concept_name(p, d), table_row(p)) for d, p in found["probe"]],
+            "found": {k: [str(d) for d, _ in v] for k, v in found.items()}}
+
+
+def cmd_report(args):
+    res = build_report(Path(args.run_dir), Path(args.out), args.probe, args.visualize, args.invariance,
+                       args.classify, command=command_line())
+    found = ", ".join(f"{len(v)} {k}" for k, v in res["found"].items())
+    print(f"wrote {Path(args.out).resolve()} ({found})")
+
+
+def register(sub):
+    p = sub.add_parser("report", help="one self-contained HTML report: training, Table 1, figures, commands")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="training run directory")
+    p.add_argument("--out", required=True, help="the HTML file to write")
+    p.add_argument("--probe", action="append", type=Path, metavar="DIR", help="a probe folder (repeatable)")
+    p.add_argument("--visualize", action="append", type=Path, metavar="DIR", help="a visualize folder (repeatable)")
+    p.add_argument("--invariance", action="append", type=Path, metavar="DIR", help="an invariance folder (repeatable)")
+    p.add_argument("--classify", action="append", type=Path, metavar="DIR", help="a classify folder (repeatable)")
+    p.set_defaults(func=cmd_report)

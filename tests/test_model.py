@@ -19,12 +19,13 @@ from torch.autograd import gradcheck
 from torch.func import functional_call
 
 from grandmother.config import ConfigError, config_from_dict, load_config, read_config, save_config
-from grandmother.kernels import get_kernel
+from grandmother.kernels import get_kernel, kernel_names
 from grandmother.model import LocalContrastNorm, Network, l2_pool
 from grandmother.shapes import model_info, stage_shapes
 
 F64 = torch.float64
-KERNELS = ["reference", "auto"]
+# every kernel registered for the CPU (reference, tiled, ...) plus "auto"
+KERNELS = kernel_names("cpu") + ["auto"]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,0 +1,265 @@
+"""`grandmother bench`: time every locally connected kernel inside the whole network, against this machine.
+
+For each kernel registered for the device it times, on random images of the preset's shape:
+forward (network with objective), forward+backward, and the full training step (forward, backward,
+Adagrad update). FLOPs come from grandmother/shapes.py; the yardstick is a large float32 matmul timed in
+the same run, so "fraction_of_matmul" is comparable across noisy or shared machines.
+Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS (VmHWM, reset
+through /proc/self/clear_refs before each measurement), which includes parameters and optimizer state.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import GrandmotherError
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    _sync(device)
+    a @ b
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def copy_gbs(device, mib: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth yardstick: GB/s of reading plus writing a large float32 tensor (a copy)."""
+    a = torch.empty(mib << 18, device=device).fill_(1.0)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        b.copy_(a)
+    _sync(device)
+    return 2 * a.numel() * 4 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # "5" resets the peak resident set size (Linux >= 4.0)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def _peak(device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def memory_estimate(cfg, batch_size: int, kernel_workspace: int = 0) -> dict:
+    """Bytes of one float32 training step: parameters, gradients, Adagrad state, activations.
+
+    Activations: per stage, the tensors autograd keeps (input, filter output, pooled output, LCN
+    intermediates ~4x the pooled size, reconstruction) at float32. An estimate, not a measurement.
+    """
+    from .shapes import stage_shapes
+
+    shapes = stage_shapes(cfg.model)
+    params = sum(s.encoder_params + s.decoder_params for s in shapes)
+    act = 0
+    for s in shapes:
+        n_in = s.input[0] * s.input[1] * s.input[2]
+        n_f = s.filter[0] * s.filter[1] * s.filter[2]
+        n_p = s.pool[0] * s.pool[1] * s.pool[2]
+        act += 2 * n_in + 2 * n_f + 5 * n_p
+    out = {"parameters": 4 * params, "gradients": 4 * params, "adagrad_state": 4 * params,
+           "activations": 4 * act * batch_size, "kernel_workspace": kernel_workspace}
+    out["total"] = sum(out.values())
+    return out
+
+
+def _available_memory(device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def _time(fn, device, repeats: int) -> float:
+    fn()  # warm-up (allocations, first-call setup)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t) / repeats
+
+
+def run_bench(cfg, device: torch.device, batch_size: int, kernels: list[str] | None = None,
+              repeats: int = 3) -> dict:
+    from .kernels import kernel_names
+    from .model import Network
+    from .shapes import stage_shapes
+
+    shapes = stage_shapes(cfg.model)
+    flops_fwd = sum(s.flops_forward for s in shapes) * batch_size
+    flops_train = sum(s.flops_train for s in shapes) * batch_size
+    need = memory_estimate(cfg, batch_size)["total"]
+    have = _available_memory(device)
+    if need > have:
+        raise GrandmotherError(
+            f"--preset {cfg.preset} at --batch-size {batch_size} needs about {need / 2**30:.1f} GiB for one "
+            f"training step on {device.type}, but only {have / 2**30:.1f} GiB is free")
+    mm = matmul_gflops(device)
+    bw = copy_gbs(device)
+    names = kernels or kernel_names(device.type)
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    c, h, w = shapes[0].input
+    images = torch.randint(0, 256, (batch_size, c, h, w), dtype=torch.uint8, generator=gen).to(device)
+    for name in names:
+        cfg.model.kernel = name
+        net = Network(cfg.model, generator=torch.Generator().manual_seed(0), device=device)
+        opt = torch.optim.Adagrad(net.parameters(), lr=cfg.train.lr)
+        x = net.prepare(images)
+
+        def forward():
+            with torch.no_grad():
+                net(x, objective=True)
+
+        def forward_backward():
+            net.zero_grad(set_to_none=False)
+            net(x, objective=True).loss.backward()
+
+        def train():
+            opt.zero_grad(set_to_none=False)
+            net(x, objective=True).loss.backward()
+            opt.step()
+
+        lc_only, flops_lc = _lc_layers_only(net, shapes, batch_size, device)
+        for step, fn, flops in (("lc_layers", lc_only, flops_lc), ("forward", forward, flops_fwd),
+                                ("forward_backward", forward_backward, flops_train), ("train", train, flops_train)):
+            _reset_peak(device)
+            seconds = _time(fn, device, repeats)
+            gflops = flops / seconds / 1e9
+            rows.append({"impl": name, "step": step, "seconds_per_batch": seconds,
+                         "images_per_s": batch_size / seconds, "gflops": gflops,
+                         "fraction_of_matmul": gflops / mm, "peak_memory_bytes": _peak(device)})
+        del net, opt, x
+    return {"preset": cfg.preset, "device": device_name(device), "batch_size": batch_size,
+            "matmul_gflops": mm, "copy_gbs": bw, "memory_estimate_bytes": memory_estimate(cfg, batch_size), "rows": rows}
+
+
+def _lc_layers_only(net, shapes, batch_size: int, device):
+    """The locally connected maps alone, every stage: encode, decode and both their backwards.
+
+    Separates the kernels' own rate from the rest of the step (pooling, LCN, the loss, Adagrad): the
+    "lc_layers" row is what a kernel reaches; "train" is what the network reaches with it.
+    FLOPs: six matrix products of the encoder's size per stage (2 forward, 4 backward).
+    """
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(batch_size, *s.input, generator=gen).to(device).requires_grad_() for s in shapes]
+    gouts = [torch.randn(batch_size, *s.input, generator=gen).to(device) for s in shapes]
+    stages = list(net.stages)
+
+    def run():
+        for st, x, g in zip(stages, inputs, gouts):
+            lc = st.filter
+            r = lc.decode(lc.encode(x))
+            torch.autograd.backward(r, g)
+        for st, x in zip(stages, inputs):
+            x.grad = None
+            st.filter.encoder.grad = st.filter.decoder.grad = None
+
+    return run, 12 * sum(s.encoder_params for s in shapes) * batch_size
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return "cpu"
+
+
+def format_table(result: dict) -> str:
+    lines = [f"preset {result['preset']}, batch {result['batch_size']}, device {result['device']}",
+             f"float32 matmul: {result['matmul_gflops']:.1f} GFLOP/s; memory copy: {result['copy_gbs']:.1f} GB/s "
+             f"(read + write)",
+             f"{'impl':<12} {'step':<17} {'s/batch':>9} {'images/s':>10} {'GFLOP/s':>9} {'of matmul':>10} "
+             f"{'peak MB':>9}"]
+    for r in result["rows"]:
+        lines.append(f"{r['impl']:<12} {r['step']:<17} {r['seconds_per_batch']:>9.4f} {r['images_per_s']:>10.1f} "
+                     f"{r['gflops']:>9.2f} {100 * r['fraction_of_matmul']:>9.1f}% "
+                     f"{r['peak_memory_bytes'] / 2**20:>9.0f}")
+    est = result["memory_estimate_bytes"]
+    lines.append("training-step memory estimate: " + ", ".join(
+        f"{k} {v / 2**30:.2f} GiB" for k, v in est.items()))
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    from .config import ConfigError, load_config
+    from .kernels import kernel_names
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise GrandmotherError("--device cuda: no CUDA device is available here")
+    device = torch.device(args.device)
+    try:
+        cfg = load_config(args.preset, list(args.set or []))
+    except (ConfigError, FileNotFoundError) as e:
+        raise GrandmotherError(f"--preset {args.preset}: {e}")
+    if args.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    batch = args.batch_size if args.batch_size is not None else cfg.train.batch_size
+    if batch < 1:
+        raise GrandmotherError(f"--batch-size {batch}: must be at least 1")
+    kernels = None
+    if args.kernel:
+        known = kernel_names(device.type)
+        bad = [k for k in args.kernel if k not in known]
+        if bad:
+            raise GrandmotherError(f"--kernel {bad[0]}: not available on {device.type} "
+                                   f"(available: {', '.join(known)})")
+        kernels = args.kernel
+    result = run_bench(cfg, device, batch, kernels, repeats=args.repeats)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="time the locally connected kernels and a training step",
+                              description="Time each locally connected kernel inside the network (forward, "
+                                          "forward+backward, training step) against a float32 matmul.")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's train.batch_size")
+    p.add_argument("--kernel", action="append", help="only this kernel (repeatable); default: all")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. model.image_size=16")
+    p.add_argument("--tf32", action="store_true", help="allow tf32 matmuls on CUDA")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,126 @@
+"""Fast locally connected kernels: each equals the reference (float64, forward and both backward
+primitives, tiles of every size), and `grandmother bench` runs end to end on a tiny shape."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from grandmother.cli import main as cli
+from grandmother.config import load_config
+from grandmother.kernels import get_kernel, kernel_names
+
+F64 = torch.float64
+FAST = [k for k in kernel_names("cpu") if k != "reference"]
+
+# (batch, channels, H, W, maps, field, stride): non-square, strides that leave uncovered rows/cols
+SHAPES = [(3, 1, 9, 11, 2, 3, 1), (2, 3, 12, 10, 4, 4, 2), (4, 2, 13, 13, 3, 5, 3), (1, 3, 8, 8, 8, 8, 1),
+          (5, 2, 10, 7, 1, 2, 2)]
+
+
+class ReferencePrimitives:
+    """The three primitives from the reference kernel and autograd: encode, decode, d<encode(x,w), gy>/dw."""
+
+    def __init__(self):
+        self.k = get_kernel("reference", "cpu")
+
+    def forward(self, x, w, s):
+        return self.k.encode(x, w, s)
+
+    def backward_input(self, gy, w, s, in_hw):
+        return self.k.decode(gy, w, s, in_hw)
+
+    def backward_weight(self, x, gy, s, field):
+        w = torch.zeros(*gy.shape[2:], gy.shape[1], x.shape[1], field, field, dtype=x.dtype, requires_grad=True)
+        return torch.autograd.grad((self.k.encode(x, w, s) * gy).sum(), w)[0]
+
+
+@pytest.fixture(params=["one_tile", "row_tiles"])
+def tile_budget(request, monkeypatch):
+    """Run each case with the normal budget (one tile) and a budget of one output row per tile."""
+    if request.param == "row_tiles":
+        import grandmother.kernels.tiled as tiled
+        monkeypatch.setattr(tiled, "TILE_BYTES", {"cpu": 1, "cuda": 1})
+    return request.param
+
+
+def test_a_fast_cpu_kernel_is_registered_and_auto_picks_it():
+    assert FAST, "no fast CPU kernel registered"
+    assert get_kernel("auto", "cpu").name != "reference"
+
+
+@pytest.mark.parametrize("kernel", FAST)
+@pytest.mark.parametrize("B,C,H,W,M,k,s", SHAPES)
+def test_primitives_equal_reference_float64(kernel, B, C, H, W, M, k, s, tile_budget):
+    ref, fast = ReferencePrimitives(), get_kernel(kernel, "cpu")
+    Ho, Wo = (H - k) // s + 1, (W - k) // s + 1
+    x = torch.randn(B, C, H, W, dtype=F64)
+    w = torch.randn(Ho, Wo, M, C, k, k, dtype=F64)
+    gy = torch.randn(B, M, Ho, Wo, dtype=F64)
+    torch.testing.assert_close(fast.forward(x, w, s), ref.forward(x, w, s), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.backward_input(gy, w, s, (H, W)), ref.backward_input(gy, w, s, (H, W)),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.backward_weight(x, gy, s, k), ref.backward_weight(x, gy, s, k),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", FAST)
+def test_whole_network_gradients_equal_reference(kernel):
+    """The kernel inside the model: same objective and same parameter gradients as the reference."""
+    from grandmother.model import Network
+    cfg = load_config("small", ["model.image_size=20", "model.stages.*.receptive_field=4", "model.stages.*.maps=2",
+                                "model.stages.*.pool_size=2", "model.stages.*.lcn_size=3"])
+    x = torch.randn(3, cfg.model.channels, 20, 20, dtype=F64)
+    grads = {}
+    for name in ("reference", kernel):
+        cfg.model.kernel = name
+        net = Network(cfg.model, generator=torch.Generator().manual_seed(0)).double()
+        loss = net(x, objective=True).loss
+        loss.backward()
+        grads[name] = (loss.detach(), [p.grad.clone() for p in net.parameters()])
+    torch.testing.assert_close(grads[kernel][0], grads["reference"][0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads[kernel][1], grads["reference"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_bench_runs_on_a_tiny_shape(capsys):
+    """CI-sized bench: every kernel, every step kind, sane numbers; timings are not asserted."""
+    tiny = ["--set", "model.image_size=16", "--set", "model.stages.*.receptive_field=4",
+            "--set", "model.stages.*.maps=2", "--set", "model.stages.*.pool_size=2",
+            "--set", "model.stages.*.lcn_size=3"]
+    assert cli(["bench", "--preset", "small", "--batch-size", "4", "--repeats", "1", "--json", *tiny]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["matmul_gflops"] > 0 and out["copy_gbs"] > 0
+    impls = {r["impl"] for r in out["rows"]}
+    assert impls == set(kernel_names("cpu"))
+    assert {r["step"] for r in out["rows"]} == {"lc_layers", "forward", "forward_backward", "train"}
+    for r in out["rows"]:
+        assert r["images_per_s"] > 0 and r["gflops"] > 0 and r["peak_memory_bytes"] > 0
+        assert abs(r["fraction_of_matmul"] - r["gflops"] / out["matmul_gflops"]) < 1e-9
+    assert cli(["bench", "--preset", "small", "--batch-size", "2", "--repeats", "1", *tiny]) == 0
+    table = capsys.readouterr().out
+    assert "of matmul" in table and "tiled" in table
+
+
+def test_bench_bad_flags_are_one_line(capsys):
+    assert cli(["bench", "--kernel", "nosuch"]) == 2
+    assert "--kernel nosuch" in capsys.readouterr().err
+    assert cli(["bench", "--batch-size", "0"]) == 2
+    assert "--batch-size 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli(["bench", "--device", "cuda"]) == 2
+        assert "--device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,C,H,W,M,k,s", SHAPES)
+def test_cuda_kernel_equals_reference_float64(B, C, H, W, M, k, s):
+    ref, fast = ReferencePrimitives(), get_kernel("auto", "cuda")
+    Ho, Wo = (H - k) // s + 1, (W - k) // s + 1
+    x, w = torch.randn(B, C, H, W, dtype=F64), torch.randn(Ho, Wo, M, C, k, k, dtype=F64)
+    gy = torch.randn(B, M, Ho, Wo, dtype=F64)
+    cu = lambda t: t.cuda()  # noqa: E731
+    torch.testing.assert_close(fast.forward(cu(x), cu(w), s).cpu(), ref.forward(x, w, s))
+    torch.testing.assert_close(fast.backward_input(cu(gy), cu(w), s, (H, W)).cpu(), ref.backward_input(gy, w, s, (H, W)))
+    torch.testing.assert_close(fast.backward_weight(cu(x), cu(gy), s, k).cpu(), ref.backward_weight(x, gy, s, k))

@@ -72,6 +72,19 @@ def _peak(device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def kernel_workspace(cfg, batch_size: int, kernel: str, device_type: str) -> int:
+    """Bytes a kernel allocates beyond inputs and outputs: the reference one unfolds the largest stage's
+    whole batch of patches (float32); the tiled one at most one tile's patch buffer."""
+    from .kernels import get_kernel
+    from .shapes import stage_shapes
+    name = get_kernel(kernel, device_type).name
+    if name == "tiled":
+        from .kernels.tiled import TILE_BYTES
+        return TILE_BYTES.get(device_type, TILE_BYTES["cuda"])
+    return max(4 * batch_size * s.filter[1] * s.filter[2] * s.input[0] * s.receptive_field ** 2
+               for s in stage_shapes(cfg.model))
+
+
 def memory_estimate(cfg, batch_size: int, kernel_workspace: int = 0) -> dict:
     """Bytes of one float32 training step: parameters, gradients, Adagrad state, activations.
 
@@ -123,7 +136,9 @@ def run_bench(cfg, device: torch.device, batch_size: int, kernels: list[str] | N
     shapes = stage_shapes(cfg.model)
     flops_fwd = sum(s.flops_forward for s in shapes) * batch_size
     flops_train = sum(s.flops_train for s in shapes) * batch_size
-    need = memory_estimate(cfg, batch_size)["total"]
+    names = kernels or kernel_names(device.type)
+    workspace = kernel_workspace(cfg, batch_size, names[0], device.type)
+    need = memory_estimate(cfg, batch_size, workspace)["total"]
     have = _available_memory(device)
     if need > have:
         raise GrandmotherError(
@@ -131,7 +146,6 @@ def run_bench(cfg, device: torch.device, batch_size: int, kernels: list[str] | N
             f"training step on {device.type}, but only {have / 2**30:.1f} GiB is free")
     mm = matmul_gflops(device)
     bw = copy_gbs(device)
-    names = kernels or kernel_names(device.type)
     rows = []
     gen = torch.Generator().manual_seed(0)
     c, h, w = shapes[0].input
@@ -166,7 +180,7 @@ def run_bench(cfg, device: torch.device, batch_size: int, kernels: list[str] | N
                          "fraction_of_matmul": gflops / mm, "peak_memory_bytes": _peak(device)})
         del net, opt, x
     return {"preset": cfg.preset, "device": device_name(device), "batch_size": batch_size,
-            "matmul_gflops": mm, "copy_gbs": bw, "memory_estimate_bytes": memory_estimate(cfg, batch_size), "rows": rows}
+            "matmul_gflops": mm, "copy_gbs": bw, "memory_estimate_bytes": memory_estimate(cfg, batch_size, workspace), "rows": rows}
 
 
 def _lc_layers_only(net, shapes, batch_size: int, device):
@@ -216,7 +230,7 @@ def format_table(result: dict) -> str:
                      f"{r['gflops']:>9.2f} {100 * r['fraction_of_matmul']:>9.1f}% "
                      f"{r['peak_memory_bytes'] / 2**20:>9.0f}")
     est = result["memory_estimate_bytes"]
-    lines.append("training-step memory estimate: " + ", ".join(
+    lines.append(f"training-step memory estimate ({result['rows'][0]['impl'] if result['rows'] else '?'}): " + ", ".join(
         f"{k} {v / 2**30:.2f} GiB" for k, v in est.items()))
     return "\n".join(lines)
 

@@ -201,6 +201,11 @@ def validate(cfg: Config) -> None:
         for name in ("receptive_field", "stride", "maps", "pool_size", "pool_stride", "lcn_size"):
             if getattr(s, name) < 1:
                 raise ConfigError(f"model.stages[{i}].{name} must be >= 1")
+        if s.lcn_sigma <= 0:
+            raise ConfigError(f"model.stages[{i}].lcn_sigma={s.lcn_sigma} must be > 0 (the LCN Gaussian's width)")
+    if m.lcn_c <= 0 or m.pool_eps <= 0 or m.sparsity < 0:
+        raise ConfigError(f"model.lcn_c={m.lcn_c} and model.pool_eps={m.pool_eps} must be > 0, "
+                          f"model.sparsity={m.sparsity} must be >= 0")
     t = cfg.train
     if t.steps < 0 or t.batch_size < 1 or t.lr <= 0:
         raise ConfigError("train.steps >= 0, train.batch_size >= 1 and train.lr > 0 are required")
@@ -303,5 +308,12 @@ def save_config(cfg: Config, path: Path) -> None:
 
 
 def read_config(path: Path) -> Config:
-    with open(path) as f:
-        return config_from_dict(yaml.safe_load(f))
+    """The config saved in a run directory; one-line errors for a missing or unreadable file."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the config ({type(e).__name__})") from None
+    return config_from_dict(data)

@@ -388,6 +388,19 @@ def test_field_larger_than_input_names_the_stage():
         load_config("small", ["model.stages.1.lcn_size=4"])
 
 
+@pytest.mark.parametrize("bad,needle", [("model.stages.0.lcn_sigma=0", r"stages\[0\]\.lcn_sigma=0"),
+                                        ("model.lcn_c=0", r"model\.lcn_c=0"), ("model.pool_eps=-1", "pool_eps=-1"),
+                                        ("model.sparsity=-0.1", r"sparsity=-0\.1")])
+def test_nonpositive_constants_are_refused(bad, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config("small", [bad])
+
+
+def test_missing_run_config_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        read_config(tmp_path / "config.yaml")
+
+
 def test_overrides():
     cfg = load_config("small", ["model.stages.*.maps=4", "train.lr=0.1", "model.lcn=false"])
     assert [s.maps for s in cfg.model.stages] == [4, 4, 4]

@@ -7,6 +7,11 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+# mkstemp creates files readable by the owner only; results (reports, datasets, checkpoints) should get
+# the permissions of any other file the user creates, i.e. 0o666 less the umask (read once, at import).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_path(path: Path):
@@ -19,6 +24,7 @@ def atomic_path(path: Path):
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -181,3 +181,12 @@ def test_checkpoint_of_another_engine_is_refused(tmp_path):
     meta_path.write_text(json.dumps({**meta, "engine": "downpour"}))
     with pytest.raises(GrandmotherError, match="written by --engine downpour"):
         train(load_config("small", TINY + ["train.steps=2"]), data, run, resume=True, progress=False)
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """Results written through a temp file get 0o666 less the umask, like any file the user makes
+    (mkstemp alone would leave them 0600, unreadable by the group)."""
+    import grandmother.io as gio
+    gio.atomic_write_text(tmp_path / "report.html", "<html></html>")
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o666 & ~gio._UMASK
+    assert 0o666 & ~gio._UMASK != 0o600 or gio._UMASK == 0o066  # the check above is not mkstemp's default

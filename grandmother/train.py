@@ -19,6 +19,7 @@ from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, m
                          save_checkpoint, set_rng_state)
 from .config import Config, save_config
 from .data import open_training_data
+from .dataset import load_batches
 from .errors import GrandmotherError
 from .io import append_jsonl, atomic_write_json, truncate_jsonl
 from .model import Network
@@ -164,8 +165,12 @@ def train(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, pro
     last_log_t, last_log_images, t0 = time.perf_counter(), images_seen, time.perf_counter()
     record = None
     try:
-        for step in range(start_step, steps):
-            batch = dataset.get_batch(order.indices(step)).to(device, non_blocking=True)
+        # Batches in step order, decoded by train.num_workers background processes when > 0; the order
+        # stays a function of (seed, step), so resume is exact with or without workers.
+        batches = load_batches(dataset, (order.indices(s) for s in range(start_step, steps)),
+                               workers=cfg.train.num_workers, pin_memory=device.type == "cuda")
+        for step, batch in zip(range(start_step, steps), batches):
+            batch = batch.to(device, non_blocking=True)
             loss, terms = loss_and_terms(net, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -190,3 +190,18 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     gio.atomic_write_text(tmp_path / "report.html", "<html></html>")
     assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o666 & ~gio._UMASK
     assert 0o666 & ~gio._UMASK != 0o600 or gio._UMASK == 0o066  # the check above is not mkstemp's default
+
+
+def test_background_loader_workers_give_the_same_run(tmp_path):
+    """train.num_workers decodes batches in other processes; the batches, hence the weights, are the same,
+    including across a resume."""
+    data = make_images(tmp_path / "imgs")
+    train(load_config("small", TINY + ["train.steps=4"]), data, tmp_path / "w0", progress=False)
+    train(load_config("small", TINY + ["train.steps=2", "train.num_workers=2"]), data, tmp_path / "w2",
+          progress=False)
+    train(load_config("small", TINY + ["train.steps=4", "train.num_workers=2"]), data, tmp_path / "w2",
+          resume=True, progress=False)
+    a, _, _ = load_checkpoint(latest_checkpoint(tmp_path / "w0"))
+    b, _, _ = load_checkpoint(latest_checkpoint(tmp_path / "w2"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -130,7 +130,6 @@ def _time(fn, device, repeats: int) -> float:
 def run_bench(cfg, device: torch.device, batch_size: int, kernels: list[str] | None = None,
               repeats: int = 3) -> dict:
     from .kernels import kernel_names
-    from .model import Network
     from .shapes import stage_shapes
 
     shapes = stage_shapes(cfg.model)
@@ -152,23 +151,7 @@ def run_bench(cfg, device: torch.device, batch_size: int, kernels: list[str] | N
     images = torch.randint(0, 256, (batch_size, c, h, w), dtype=torch.uint8, generator=gen).to(device)
     for name in names:
         cfg.model.kernel = name
-        net = Network(cfg.model, generator=torch.Generator().manual_seed(0), device=device)
-        opt = torch.optim.Adagrad(net.parameters(), lr=cfg.train.lr)
-        x = net.prepare(images)
-
-        def forward():
-            with torch.no_grad():
-                net(x, objective=True)
-
-        def forward_backward():
-            net.zero_grad(set_to_none=False)
-            net(x, objective=True).loss.backward()
-
-        def train():
-            opt.zero_grad(set_to_none=False)
-            net(x, objective=True).loss.backward()
-            opt.step()
-
+        net, forward, forward_backward, train = _step_functions(cfg, images, device)
         lc_only, flops_lc = _lc_layers_only(net, shapes, batch_size, device)
         for step, fn, flops in (("lc_layers", lc_only, flops_lc), ("forward", forward, flops_fwd),
                                 ("forward_backward", forward_backward, flops_train), ("train", train, flops_train)):
@@ -178,9 +161,60 @@ def run_bench(cfg, device: torch.device, batch_size: int, kernels: list[str] | N
             rows.append({"impl": name, "step": step, "seconds_per_batch": seconds,
                          "images_per_s": batch_size / seconds, "gflops": gflops,
                          "fraction_of_matmul": gflops / mm, "peak_memory_bytes": _peak(device)})
-        del net, opt, x
+        del net, forward, forward_backward, train, lc_only
+    # The floor no kernel can go below: the same training step with the locally connected maps skipped.
+    net, _, _, train = _step_functions(cfg, images, device)
+    for st in net.stages:
+        st.filter.encode, st.filter.decode = _skipped_lc(st.filter, "encode"), _skipped_lc(st.filter, "decode")
+    rest = _time(train, device, repeats)
     return {"preset": cfg.preset, "device": device_name(device), "batch_size": batch_size,
-            "matmul_gflops": mm, "copy_gbs": bw, "memory_estimate_bytes": memory_estimate(cfg, batch_size, workspace), "rows": rows}
+            "matmul_gflops": mm, "copy_gbs": bw, "memory_estimate_bytes": memory_estimate(cfg, batch_size, workspace),
+            "rows": rows, "rest_of_train_step_seconds": rest,
+            "train_step_seconds_at_25_percent": flops_train / (0.25 * mm * 1e9)}
+
+
+def _step_functions(cfg, images, device):
+    """(net, forward, forward_backward, train) closures over one network built with cfg.model.kernel."""
+    from .model import Network
+    net = Network(cfg.model, generator=torch.Generator().manual_seed(0), device=device)
+    opt = torch.optim.Adagrad(net.parameters(), lr=cfg.train.lr)
+    x = net.prepare(images)
+
+    def forward():
+        with torch.no_grad():
+            net(x, objective=True)
+
+    def forward_backward():
+        net.zero_grad(set_to_none=False)
+        net(x, objective=True).loss.backward()
+
+    def train():
+        opt.zero_grad(set_to_none=False)
+        net(x, objective=True).loss.backward()
+        opt.step()
+
+    return net, forward, forward_backward, train
+
+
+class _NoLC(torch.autograd.Function):
+    """Output of the right shape, gradients of the right shapes, no arithmetic (for the floor)."""
+
+    @staticmethod
+    def forward(ctx, inp, w, out_shape):
+        ctx.shapes = inp.shape, w.shape
+        return inp.new_zeros(out_shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        inp_shape, w_shape = ctx.shapes
+        return g.new_zeros(inp_shape), g.new_zeros(w_shape), None
+
+
+def _skipped_lc(layer, which: str):
+    (ho, wo), (h, w) = layer.out_hw, layer.in_hw
+    if which == "encode":
+        return lambda x: _NoLC.apply(x, layer.encoder, (x.shape[0], layer.maps, ho, wo))
+    return lambda y: _NoLC.apply(y, layer.decoder, (y.shape[0], layer.in_channels, h, w))
 
 
 def _lc_layers_only(net, shapes, batch_size: int, device):
@@ -229,6 +263,9 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['impl']:<12} {r['step']:<17} {r['seconds_per_batch']:>9.4f} {r['images_per_s']:>10.1f} "
                      f"{r['gflops']:>9.2f} {100 * r['fraction_of_matmul']:>9.1f}% "
                      f"{r['peak_memory_bytes'] / 2**20:>9.0f}")
+    lines.append(f"rest of the training step (pooling, LCN, objective, Adagrad; locally connected maps skipped): "
+                 f"{result['rest_of_train_step_seconds']:.4f} s/batch; a whole step at 25% of matmul would take "
+                 f"{result['train_step_seconds_at_25_percent']:.4f} s")
     est = result["memory_estimate_bytes"]
     lines.append(f"training-step memory estimate ({result['rows'][0]['impl'] if result['rows'] else '?'}): " + ", ".join(
         f"{k} {v / 2**30:.2f} GiB" for k, v in est.items()))

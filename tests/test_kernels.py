@@ -91,7 +91,7 @@ def test_bench_runs_on_a_tiny_shape(capsys):
             "--set", "model.stages.*.lcn_size=3"]
     assert cli(["bench", "--preset", "small", "--batch-size", "4", "--repeats", "1", "--json", *tiny]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["matmul_gflops"] > 0 and out["copy_gbs"] > 0
+    assert out["matmul_gflops"] > 0 and out["copy_gbs"] > 0 and out["rest_of_train_step_seconds"] > 0
     impls = {r["impl"] for r in out["rows"]}
     assert impls == set(kernel_names("cpu"))
     assert {r["step"] for r in out["rows"]} == {"lc_layers", "forward", "forward_backward", "train"}
@@ -100,7 +100,7 @@ def test_bench_runs_on_a_tiny_shape(capsys):
         assert abs(r["fraction_of_matmul"] - r["gflops"] / out["matmul_gflops"]) < 1e-9
     assert cli(["bench", "--preset", "small", "--batch-size", "2", "--repeats", "1", *tiny]) == 0
     table = capsys.readouterr().out
-    assert "of matmul" in table and "tiled" in table
+    assert "of matmul" in table and "tiled" in table and "locally connected maps skipped" in table
 
 
 def test_bench_bad_flags_are_one_line(capsys):

@@ -181,10 +181,14 @@ def table_html(rows: list[tuple[str, dict]], columns: list[tuple[str, str]], bol
     body = []
     for concept, row in rows:
         cells = []
+        # Bold the row's highest accuracy, whichever column holds it: at small scale a baseline can beat
+        # the best trained unit, and the table should show that, not highlight the trained unit anyway.
+        shown = [round(row[k], 1) for k, _ in columns if row.get(k) is not None]
+        top = max(shown) if shown else None
         for key, _ in columns:
             v = row.get(key)
             cell = fmt(v)
-            bold = bold_best and key == "best" and v is not None
+            bold = bold_best and v is not None and round(v, 1) == top
             cells.append(f"<td><b>{cell}</b></td>" if bold else f"<td>{cell}</td>")
         body.append(f"<tr><th>{html.escape(concept)}</th>{''.join(cells)}</tr>")
     return f"<table><tr><th>concept</th>{head}</tr>{''.join(body)}</table>"

@@ -249,7 +249,8 @@ def test_report_is_one_html_file_with_table1_and_inlined_figures(tmp_path):
     res = build_report(run, out, command="grandmother report RUN --out report.html")
     page = out.read_text()
     assert res["found"]["probe"] == [str(probe)]
-    assert "<th>faces</th><td>64.8</td><td>66.1</td><td>70.1</td><td>73.5</td><td><b>73.5</b></td>" in page
+    # the row's highest accuracy is bold, here a tie of the first-stage and the best unit
+    assert "<th>faces</th><td>64.8</td><td>66.1</td><td>70.1</td><td><b>73.5</b></td><td><b>73.5</b></td>" in page
     assert "cats" not in page.split("The paper")[0]
     assert "81.7" in page  # the paper's numbers beside ours
     assert page.count("data:image/png;base64,") == 4  # training curves + 3 figures
@@ -260,3 +261,10 @@ def test_report_is_one_html_file_with_table1_and_inlined_figures(tmp_path):
         (tmp_path / "bare").mkdir()
         save_config(cfg, tmp_path / "bare" / "config.yaml")
         build_report(tmp_path / "bare", tmp_path / "r.html")
+
+
+def test_table1_bolds_the_winner_even_when_it_is_a_baseline():
+    from grandmother.report import table_html
+    cols = [("random_guess", "Random guess"), ("random_weights", "Random weights"), ("best", "Best neuron")]
+    page = table_html([("faces", {"random_guess": 64.7, "random_weights": 81.2, "best": 75.4})], cols)
+    assert "<td>64.7</td><td><b>81.2</b></td><td>75.4</td>" in page

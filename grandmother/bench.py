@@ -73,14 +73,21 @@ def _peak(device) -> int:
 
 
 def kernel_workspace(cfg, batch_size: int, kernel: str, device_type: str) -> int:
-    """Bytes a kernel allocates beyond inputs and outputs: the reference one unfolds the largest stage's
-    whole batch of patches (float32); the tiled one at most one tile's patch buffer."""
+    """Bytes a kernel allocates beyond inputs and outputs (float32, the largest stage): the reference one
+    unfolds the whole batch of patches; the tiled one at most one tile's patch buffer; the row-shift one
+    re-lays out input, weights and output."""
     from .kernels import get_kernel
     from .shapes import stage_shapes
+    from .kernels.tiled import TILE_BYTES
     name = get_kernel(kernel, device_type).name
+    tile = TILE_BYTES.get(device_type, TILE_BYTES["cuda"])
     if name == "tiled":
-        from .kernels.tiled import TILE_BYTES
-        return TILE_BYTES.get(device_type, TILE_BYTES["cuda"])
+        return tile
+    if name == "rowshift":  # batch-last input copy, padded weights, padded output; a tile when C == 1
+        return max(4 * ((s.input[1] + 1) * s.input[2] * s.input[0] * batch_size
+                        + s.filter[1] * s.input[2] * s.filter[0] * s.input[0] * s.receptive_field ** 2
+                        + s.filter[1] * s.input[2] * s.filter[0] * batch_size) + (tile if s.input[0] == 1 else 0)
+                   for s in stage_shapes(cfg.model))
     return max(4 * batch_size * s.filter[1] * s.filter[2] * s.input[0] * s.receptive_field ** 2
                for s in stage_shapes(cfg.model))
 

@@ -16,7 +16,7 @@ FAST = [k for k in kernel_names("cpu") if k != "reference"]
 
 # (batch, channels, H, W, maps, field, stride): non-square, strides that leave uncovered rows/cols
 SHAPES = [(3, 1, 9, 11, 2, 3, 1), (2, 3, 12, 10, 4, 4, 2), (4, 2, 13, 13, 3, 5, 3), (1, 3, 8, 8, 8, 8, 1),
-          (5, 2, 10, 7, 1, 2, 2)]
+          (5, 2, 10, 7, 1, 2, 2), (2, 2, 7, 10, 3, 3, 1)]
 
 
 class ReferencePrimitives:

@@ -153,4 +153,4 @@ def _load_builtin():
 
 
 # Fast implementations register themselves on import; list their modules here.
-_OPTIONAL_MODULES: list[str] = ["tiled"]
+_OPTIONAL_MODULES: list[str] = ["tiled", "rowshift"]

@@ -20,12 +20,13 @@ TINY = ["model.image_size=16", "model.stages.*.receptive_field=4", "model.stages
         "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=1000"]
 
 
-def make_images(folder: Path, n: int = 24, size: int = 20, seed: int = 0) -> Path:
+def make_images(folder: Path, n: int = 24, size: int = 20, seed: int = 0, grid: int = 5) -> Path:
+    """n smooth random PNGs (also used by test_downpour and test_visualize)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         # smooth random images: low-frequency noise upsampled, so the autoencoder has structure to learn
-        small = rng.integers(0, 255, (5, 5), dtype=np.uint8)
+        small = rng.integers(0, 255, (grid, grid), dtype=np.uint8)
         Image.fromarray(small).resize((size, size), Image.BICUBIC).save(folder / f"img_{i:03d}.png")
     return folder
 

@@ -19,6 +19,7 @@ from grandmother.model import Network
 from grandmother.report import build_report
 from grandmother.units import Unit, unit_activation
 from grandmother.visualize import balanced_subsample, optimal_stimulus, run_visualize
+from test_train import make_images
 
 
 def one_stage_config(size: int, channels: int, field: int, maps: int, lcn: bool = True):
@@ -96,15 +97,6 @@ def test_optimal_stimulus_of_a_pooling_unit_is_the_top_eigenvector():
 
 # ---------------------------------------------------------------- invariance
 
-def smooth_images(folder: Path, n: int, size: int, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        small = rng.integers(0, 255, (4, 4), dtype=np.uint8)
-        Image.fromarray(small).resize((size, size), Image.BICUBIC).save(folder / f"face_{i}.png")
-    return folder
-
-
 def test_translation_curve_is_the_image_shifted_under_a_known_receptive_field(tmp_path):
     # Stage-0 filter units whose weights are a delta at the centre of a 3x3 field: unit (y, x) reads
     # pixel (y + 1, x + 1). Shifting the image right by k makes that unit read pixel (y+1, x+1-k) of the
@@ -115,7 +107,7 @@ def test_translation_curve_is_the_image_shifted_under_a_known_receptive_field(tm
         net.stages[0].filter.encoder.zero_()
         net.stages[0].filter.encoder[:, :, 0, 0, 1, 1] = 1.0
     run = write_run(tmp_path / "run", cfg, net)
-    images = smooth_images(tmp_path / "faces", 3, 16)
+    images = make_images(tmp_path / "faces", n=3, size=16, grid=4)
     shifts = list(range(-9, 10))
     res = run_invariance(run, "s0.filter.m0.y6.x6", images, tmp_path / "inv", scales=[0.5, 1.0, 1.5], shifts=shifts)
     imgs = [np.asarray(Image.open(p), np.float64) / 255.0 for p in sorted(images.glob("*.png"))]

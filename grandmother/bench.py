@@ -1,9 +1,11 @@
 """`grandmother bench`: time every locally connected kernel inside the whole network, against this machine.
 
-For each kernel registered for the device it times, on random images of the preset's shape:
-forward (network with objective), forward+backward, and the full training step (forward, backward,
-Adagrad update). FLOPs come from grandmother/shapes.py; the yardstick is a large float32 matmul timed in
-the same run, so "fraction_of_matmul" is comparable across noisy or shared machines.
+For each kernel registered for the device it times, on random images of the preset's shape: the
+locally connected maps alone (lc_layers), forward (network with objective), forward+backward, and the
+full training step (forward, backward, Adagrad update); then, once, the training step with the locally
+connected maps skipped (the floor no kernel can go below). FLOPs come from grandmother/shapes.py; the
+yardsticks are a large float32 matmul and a large copy timed in the same run, so "fraction_of_matmul"
+is comparable across noisy or shared machines.
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS (VmHWM, reset
 through /proc/self/clear_refs before each measurement), which includes parameters and optimizer state.
 """
@@ -73,26 +75,15 @@ def _peak(device) -> int:
 
 
 def kernel_workspace(cfg, batch_size: int, kernel: str, device_type: str) -> int:
-    """Bytes a kernel allocates beyond inputs and outputs (float32, the largest stage): the reference one
-    unfolds the whole batch of patches; the tiled one at most one tile's patch buffer; the row-shift one
-    re-lays out input, weights and output."""
+    """Bytes the kernel allocates beyond inputs and outputs in the network's largest stage (float32)."""
     from .kernels import get_kernel
     from .shapes import stage_shapes
-    from .kernels.tiled import TILE_BYTES
-    name = get_kernel(kernel, device_type).name
-    tile = TILE_BYTES.get(device_type, TILE_BYTES["cuda"])
-    if name == "tiled":
-        return tile
-    if name == "rowshift":  # batch-last input copy, padded weights, padded output; a tile when C == 1
-        return max(4 * ((s.input[1] + 1) * s.input[2] * s.input[0] * batch_size
-                        + s.filter[1] * s.input[2] * s.filter[0] * s.input[0] * s.receptive_field ** 2
-                        + s.filter[1] * s.input[2] * s.filter[0] * batch_size) + (tile if s.input[0] == 1 else 0)
-                   for s in stage_shapes(cfg.model))
-    return max(4 * batch_size * s.filter[1] * s.filter[2] * s.input[0] * s.receptive_field ** 2
+    k = get_kernel(kernel, device_type)
+    return max(k.workspace_bytes(batch_size, s.input, s.filter[0], s.receptive_field, s.stride, device_type)
                for s in stage_shapes(cfg.model))
 
 
-def memory_estimate(cfg, batch_size: int, kernel_workspace: int = 0) -> dict:
+def memory_estimate(cfg, batch_size: int, workspace_bytes: int = 0) -> dict:
     """Bytes of one float32 training step: parameters, gradients, Adagrad state, activations.
 
     Activations: per stage, the tensors autograd keeps (input, filter output, pooled output, LCN
@@ -109,7 +100,7 @@ def memory_estimate(cfg, batch_size: int, kernel_workspace: int = 0) -> dict:
         n_p = s.pool[0] * s.pool[1] * s.pool[2]
         act += 2 * n_in + 2 * n_f + 5 * n_p
     out = {"parameters": 4 * params, "gradients": 4 * params, "adagrad_state": 4 * params,
-           "activations": 4 * act * batch_size, "kernel_workspace": kernel_workspace}
+           "activations": 4 * act * batch_size, "kernel_workspace": workspace_bytes}
     out["total"] = sum(out.values())
     return out
 
@@ -143,13 +134,14 @@ def run_bench(cfg, device: torch.device, batch_size: int, kernels: list[str] | N
     flops_fwd = sum(s.flops_forward for s in shapes) * batch_size
     flops_train = sum(s.flops_train for s in shapes) * batch_size
     names = kernels or kernel_names(device.type)
-    workspace = kernel_workspace(cfg, batch_size, names[0], device.type)
-    need = memory_estimate(cfg, batch_size, workspace)["total"]
+    workspace = {name: kernel_workspace(cfg, batch_size, name, device.type) for name in names}
     have = _available_memory(device)
-    if need > have:
-        raise GrandmotherError(
-            f"--preset {cfg.preset} at --batch-size {batch_size} needs about {need / 2**30:.1f} GiB for one "
-            f"training step on {device.type}, but only {have / 2**30:.1f} GiB is free")
+    for name in names:  # every kernel timed must fit, not only the first
+        need = memory_estimate(cfg, batch_size, workspace[name])["total"]
+        if need > have:
+            raise GrandmotherError(
+                f"--preset {cfg.preset} at --batch-size {batch_size} needs about {need / 2**30:.1f} GiB for one "
+                f"training step with --kernel {name} on {device.type}, but only {have / 2**30:.1f} GiB is free")
     mm = matmul_gflops(device)
     bw = copy_gbs(device)
     rows = []
@@ -175,7 +167,7 @@ def run_bench(cfg, device: torch.device, batch_size: int, kernels: list[str] | N
         st.filter.encode, st.filter.decode = _skipped_lc(st.filter, "encode"), _skipped_lc(st.filter, "decode")
     rest = _time(train, device, repeats)
     return {"preset": cfg.preset, "device": device_name(device), "batch_size": batch_size,
-            "matmul_gflops": mm, "copy_gbs": bw, "memory_estimate_bytes": memory_estimate(cfg, batch_size, workspace),
+            "matmul_gflops": mm, "copy_gbs": bw, "memory_estimate_bytes": memory_estimate(cfg, batch_size, workspace[names[0]]),
             "rows": rows, "rest_of_train_step_seconds": rest,
             "train_step_seconds_at_25_percent": flops_train / (0.25 * mm * 1e9)}
 

@@ -30,6 +30,11 @@ import torch
 class LocallyConnectedKernel:
     name: str = "?"
 
+    def workspace_bytes(self, batch: int, in_chw: tuple[int, int, int], maps: int, field: int, stride: int,
+                        device_type: str, element_size: int = 4) -> int:
+        """Bytes one call allocates beyond its inputs and outputs (for memory estimates); 0 if negligible."""
+        return 0
+
     def encode(self, x: torch.Tensor, w: torch.Tensor, stride: int) -> torch.Tensor:
         raise NotImplementedError
 

@@ -15,6 +15,10 @@ from . import LocallyConnectedKernel, register_kernel
 class ReferenceKernel(LocallyConnectedKernel):
     name = "reference"
 
+    def workspace_bytes(self, batch, in_chw, maps, field, stride, device_type, element_size=4):
+        c, h, w = in_chw  # the whole batch's unfolded patches
+        return element_size * batch * ((h - field) // stride + 1) * ((w - field) // stride + 1) * c * field ** 2
+
     def encode(self, x, w, stride):
         Ho, Wo, M, C, k, _ = w.shape
         B = x.shape[0]

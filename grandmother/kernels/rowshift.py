@@ -63,6 +63,15 @@ def _row_view(xb: torch.Tensor, n: int, p: int, k: int) -> torch.Tensor:
 class RowShiftKernel(TiledKernel):
     name = "rowshift"
 
+    def workspace_bytes(self, batch, in_chw, maps, field, stride, device_type, element_size=4):
+        if stride != 1:
+            return super().workspace_bytes(batch, in_chw, maps, field, stride, device_type, element_size)
+        c, h, w = in_chw
+        ho = h - field + 1
+        relaid = (h + 1) * w * c * batch + ho * w * maps * c * field ** 2 + ho * w * maps * batch
+        chunk = tiled.TILE_BYTES.get(device_type, tiled.TILE_BYTES["cuda"]) if c == 1 else 0
+        return element_size * relaid + chunk  # batch-last input, padded weights and output; C == 1 buffer
+
     def forward(self, x, w, stride):
         if stride != 1:
             return super().forward(x, w, stride)

@@ -52,6 +52,9 @@ def _tile_patches(x, i0, i1, Wo, k, stride):
 class TiledKernel(PrimitiveKernel):
     name = "tiled"
 
+    def workspace_bytes(self, batch, in_chw, maps, field, stride, device_type, element_size=4):
+        return TILE_BYTES.get(device_type, TILE_BYTES["cuda"])  # at most one tile's patch buffer
+
     def forward(self, x, w, stride):
         Ho, Wo, M, C, k, _ = w.shape
         B = x.shape[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .dataset import load_batches, open_dataset, shuffled_batches
+from .dataset import load_batches, open_dataset
 from .errors import GrandmotherError
 from .ingest import expand_sources, ingest
 
@@ -29,9 +29,9 @@ def time_ingest(files: list[str], out: Path, size: int, color: str, workers: int
 
 
 def time_loader(ds, batches: int, workers: int) -> float:
-    epochs = batches * 100 // max(len(ds), 1) + 2
-    order = shuffled_batches(len(ds), 100, seed=0, epochs=epochs)
-    it = load_batches(ds, order, workers=workers)
+    from .train import BatchOrder
+    order = BatchOrder(len(ds), 100, seed=0)  # the trainer's own access pattern
+    it = load_batches(ds, (order.indices(step) for step in range(batches + 1)), workers=workers)
     next(it)  # worker start-up is not throughput
     t, n = time.perf_counter(), 0
     for _, batch in zip(range(batches), it):

@@ -14,8 +14,8 @@ once its .json exists (written after its .npy). A dataset is built in `OUT.parti
 
 Reading: `open_dataset(path)` -> ShardedDataset (`len`, `ds[i]` -> (C,S,S) uint8 tensor,
 `ds.get_batch(indices)` -> (B,C,S,S) uint8 tensor). Shards are memory-mapped lazily in each process,
-so the dataset pickles cheaply into DataLoader workers. `load_batches` / `shuffled_batches` feed
-training from background worker processes.
+so the dataset pickles cheaply into DataLoader workers. `load_batches` feeds training from background
+worker processes, in the order the trainer's `BatchOrder` gives.
 """
 from __future__ import annotations
 
@@ -276,12 +276,3 @@ def load_batches(dataset, index_batches: Iterable[list[int]], workers: int = 0, 
         prefetch_factor=prefetch if workers > 0 else None, pin_memory=pin_memory,
         persistent_workers=False)
     yield from loader
-
-
-def shuffled_batches(n: int, batch_size: int, seed: int, epochs: int = 1) -> Iterator[list[int]]:
-    """Index lists of a fresh seeded permutation of all n images (across all shards) per epoch."""
-    rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        perm = rng.permutation(n)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield perm[start:start + batch_size].tolist()

@@ -8,7 +8,6 @@ optimizer and RNG states, so N steps in one go and N/2 + resume N/2 give identic
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from pathlib import Path
@@ -23,8 +22,6 @@ from .dataset import load_batches
 from .errors import GrandmotherError
 from .io import append_jsonl, atomic_write_json, truncate_jsonl
 from .model import Network
-
-log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- pieces shared with Downpour

@@ -1,4 +1,4 @@
 """python -m grandmother ...  (same as the `grandmother` command)"""
-from .cli import main
+from .commands import main
 
 raise SystemExit(main())

@@ -11,7 +11,6 @@ through /proc/self/clear_refs before each measurement), which includes parameter
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -269,47 +268,3 @@ def format_table(result: dict) -> str:
     lines.append(f"training-step memory estimate ({result['rows'][0]['impl'] if result['rows'] else '?'}): " + ", ".join(
         f"{k} {v / 2**30:.2f} GiB" for k, v in est.items()))
     return "\n".join(lines)
-
-
-def cmd_bench(args) -> int:
-    from .config import ConfigError, load_config
-    from .kernels import kernel_names
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise GrandmotherError("--device cuda: no CUDA device is available here")
-    device = torch.device(args.device)
-    try:
-        cfg = load_config(args.preset, list(args.set or []))
-    except (ConfigError, FileNotFoundError) as e:
-        raise GrandmotherError(f"--preset {args.preset}: {e}")
-    if args.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    batch = args.batch_size if args.batch_size is not None else cfg.train.batch_size
-    if batch < 1:
-        raise GrandmotherError(f"--batch-size {batch}: must be at least 1")
-    kernels = None
-    if args.kernel:
-        known = kernel_names(device.type)
-        bad = [k for k in args.kernel if k not in known]
-        if bad:
-            raise GrandmotherError(f"--kernel {bad[0]}: not available on {device.type} "
-                                   f"(available: {', '.join(known)})")
-        kernels = args.kernel
-    result = run_bench(cfg, device, batch, kernels, repeats=args.repeats)
-    print(json.dumps(result) if args.json else format_table(result))
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="time the locally connected kernels and a training step",
-                              description="Time each locally connected kernel inside the network (forward, "
-                                          "forward+backward, training step) against a float32 matmul.")
-    p.add_argument("--preset", default="small")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's train.batch_size")
-    p.add_argument("--kernel", action="append", help="only this kernel (repeatable); default: all")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. model.image_size=16")
-    p.add_argument("--tf32", action="store_true", help="allow tf32 matmuls on CUDA")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_bench)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .dataset import load_batches, open_dataset
+from .dataset import BatchOrder, load_batches, open_dataset
 from .errors import GrandmotherError
 from .ingest import expand_sources, ingest
 
@@ -29,7 +29,6 @@ def time_ingest(files: list[str], out: Path, size: int, color: str, workers: int
 
 
 def time_loader(ds, batches: int, workers: int) -> float:
-    from .train import BatchOrder
     order = BatchOrder(len(ds), 100, seed=0)  # the trainer's own access pattern
     it = load_batches(ds, (order.indices(step) for step in range(batches + 1)), workers=workers)
     next(it)  # worker start-up is not throughput

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import Skipped, fit_image, list_images
 from .errors import GrandmotherError
+from .images import Skipped, fit_image, list_images
+from .io import atomic_path
 
 
 # ---------------------------------------------------------------- labeled images
@@ -346,3 +348,128 @@ def finetune(model: FeatureNet, classifier: nn.Sequential, setup: Setup, epochs:
 
 def copy_for_finetuning(model: FeatureNet, classifier: nn.Module, device) -> tuple[FeatureNet, nn.Sequential]:
     return copy.deepcopy(model).to(device), copy.deepcopy(classifier).to(device)
+
+
+# ---------------------------------------------------------------- the classify command's work
+
+def plot_confusions(panels: list[tuple[str, np.ndarray, np.ndarray]], classes: list[str], path: Path) -> None:
+    """Row-normalised confusion matrices side by side, one per (title, truth, prediction)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    n = len(classes)
+    many = n > 20  # with ~100 classes, per-cell numbers and every tick label are unreadable
+    side = 4 if n <= 5 else (6 if not many else 9)
+    fig, axes = plt.subplots(1, len(panels), figsize=(side * len(panels) + 1, side), squeeze=False)
+    for ax, (title, truth, pred) in zip(axes[0], panels):
+        cm = confusion_matrix(truth, pred, labels=np.arange(n)).astype(float)
+        cm /= np.maximum(cm.sum(1, keepdims=True), 1)
+        im = ax.imshow(cm, vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(f"{title}: {(truth == pred).mean():.1%}", fontsize=10)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if many:
+            step = max(1, n // 25)
+            ticks = np.arange(0, n, step)
+            ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=90, fontsize=5)
+            ax.set_yticks(ticks, [classes[i] for i in ticks], fontsize=5)
+        else:
+            ax.set_xticks(np.arange(n), classes, rotation=45, ha="right", fontsize=8)
+            ax.set_yticks(np.arange(n), classes, fontsize=8)
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, f"{cm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if cm[i, j] < 0.6 else "black")
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.03, label="fraction of the true class")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
+    plt.close(fig)
+
+
+def run_classify(run_dir: Path, data_dir: Path, out: Path, *, split: Path | None = None, seed: int = 0,
+                 features: str = "top", l2: float = 0.0, max_iter: int = 300, fine_tune: bool = False,
+                 finetune_epochs: int = 3, finetune_lr: float = 1e-4, batch_size: int = 100, device: str = "auto",
+                 progress: bool = True, command: str | None = None) -> dict:
+    """Classifiers on a run's features against raw-pixel and random-weight baselines; writes classify.json
+    and confusion.png into `out` and returns the report."""
+    from .checkpoint import load_run
+    from .io import atomic_write_json
+    from .model import build_network
+    from .runtime import resolve_device
+
+    t_start = time.perf_counter()
+    if finetune_epochs < 1 or batch_size < 1 or max_iter < 1:
+        raise GrandmotherError("--finetune-epochs, --batch-size and --max-iter must be at least 1")
+    if l2 < 0:
+        raise GrandmotherError(f"--l2 {l2}: must be >= 0")
+    device = resolve_device(device)
+    cfg, net, meta = load_run(Path(run_dir), device)
+    layers = resolve_features(features, net)
+    c, size, _ = net.input_shape
+    data = load_labeled_folder(Path(data_dir), size, c, progress=progress)
+    warning = size_warning(data, size)
+    if warning:
+        print(warning, file=sys.stderr)
+    if data.skipped:
+        print(f"warning: skipped {len(data.skipped)} unreadable image(s), e.g. {data.skipped.items[0]['path']} "
+              f"(all listed in classify.json)", file=sys.stderr)
+    if split:
+        train_idx, val_idx = read_split(Path(split), data.paths)
+    else:
+        train_idx, val_idx = random_split(data.labels, seed)
+    setup = Setup(data.images, data.labels, train_idx, val_idx, data.classes, device, batch_size, l2, max_iter, seed)
+    feature_names = [f"s{s}.{name}" for s, name in layers]
+    print(f"{len(data.classes)} classes, {len(train_idx)} train / {len(val_idx)} validation images; "
+          f"features {'+'.join(feature_names)} of {run_dir} (step {meta.get('step')})", flush=True)
+
+    random_net = build_network(cfg, device).eval()  # same architecture, the run's seeded initialisation
+    models = {"learned": FeatureNet(net, layers), "random_weights": FeatureNet(random_net, layers),
+              "raw_pixels": FeatureNet(net, None)}
+    results, classifiers = {}, {}
+    for name, model in models.items():
+        t0 = time.perf_counter()
+        results[name], classifiers[name] = evaluate(model, setup)
+        print(f"{name:>16}: validation accuracy {results[name].accuracy:.4f} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+
+    tuned = {}
+    if fine_tune:
+        for name in ("learned", "random_weights"):
+            t0 = time.perf_counter()
+            print(f"fine-tuning {name} for {finetune_epochs} epoch(s)", flush=True)
+            model, clf = copy_for_finetuning(models[name], classifiers[name], device)
+            tuned[name] = finetune(model, clf, setup, finetune_epochs, finetune_lr, progress=progress)
+            print(f"{name + ' fine-tuned':>16}: validation accuracy {tuned[name].accuracy:.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    out = Path(out)
+    truth = data.labels[val_idx]
+    report = {
+        "run": str(run_dir), "run_step": meta.get("step"), "run_images_seen": meta.get("images_seen"),
+        "preset": cfg.preset, "data": str(data_dir), "classes": data.classes,
+        "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
+        "split": str(split) if split else f"random stratified 50/50, seed {seed}",
+        "features": features, "feature_layers": feature_names,
+        "classifier": {"kind": "one-vs-all logistic regression", "l2": l2, "max_iter": max_iter},
+        "accuracy": results["learned"].accuracy, "per_class": results["learned"].per_class,
+        "chance": float(np.bincount(truth).max() / len(truth)),
+        "baselines": {"raw_pixels": results["raw_pixels"].accuracy,
+                      "random_weights": results["random_weights"].accuracy},
+        "baselines_per_class": {k: results[k].per_class for k in ("raw_pixels", "random_weights")},
+    }
+    if fine_tune:
+        report["finetune"] = {"epochs": finetune_epochs, "lr": finetune_lr, "batch_size": batch_size}
+        report["finetuned"] = tuned["learned"].summary()
+        report["baselines"]["random_weights_finetuned"] = tuned["random_weights"].accuracy
+    report.update({"skipped": data.skipped.items, "resized_images": data.resized, "upscaled_images": data.upscaled,
+                   "elapsed_s": round(time.perf_counter() - t_start, 1),
+                   "commands": [command] if command else []})
+    atomic_write_json(out / "classify.json", report)
+    panels = [("learned features", truth, results["learned"].predictions)]
+    if fine_tune:
+        panels.append(("learned, fine-tuned", truth, tuned["learned"].predictions))
+    plot_confusions(panels, data.classes, out / "confusion.png")
+    print(f"wrote {out / 'classify.json'} and {out / 'confusion.png'}")
+    return report

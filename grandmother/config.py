@@ -14,14 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from .errors import ConfigError
+
 PRESET_DIR = Path(__file__).parent / "presets"
-
-
-from .errors import GrandmotherError
-
-
-class ConfigError(GrandmotherError, ValueError):
-    """A setting that cannot be used; the message names it."""
 
 
 @dataclass
@@ -193,6 +188,9 @@ def validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     m = cfg.model
+    from .kernels import registered_names
+    if m.kernel != "auto" and m.kernel not in registered_names():
+        raise ConfigError(f"model.kernel={m.kernel!r}: unknown kernel (available: auto, {', '.join(registered_names())})")
     if m.channels not in (1, 3):
         raise ConfigError(f"model.channels={m.channels}: must be 1 (gray) or 3 (rgb)")
     if not m.stages:

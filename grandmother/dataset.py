@@ -1,4 +1,9 @@
-"""A sharded image dataset on disk (DATA_DIR), its reader, and a fast batch loader.
+"""The datasets training and probing read, the order of their batches, and a fast batch loader.
+
+Every dataset here follows one small protocol: `len(ds)` and `ds.get_batch(indices)` -> (B, C, H, W)
+uint8 tensor. Two kinds: `ShardedDataset`, a DATA_DIR on disk (below), and `ImageArrayDataset`, a
+folder of image files decoded into memory. `open_training_data(path, size, channels)` opens either,
+which is what `grandmother train --data PATH` reads.
 
 Layout of a DATA_DIR (written by `grandmother ingest`, `filter-faces` and `testset`):
 
@@ -20,6 +25,7 @@ worker processes, in the order the trainer's `BatchOrder` gives.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -28,7 +34,10 @@ import numpy as np
 import torch
 
 from .errors import GrandmotherError
+from .images import IMAGE_EXTENSIONS, Skipped, fit_image, list_images, load_image
 from .io import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
 
 FORMAT = "grandmother-dataset"
 COLORS = {"rgb": 3, "gray": 1}
@@ -128,8 +137,8 @@ def write_dataset(out: Path, blocks: Iterable[tuple[np.ndarray, list[dict]]], si
 class ShardedDataset(torch.utils.data.Dataset):
     """The images of a DATA_DIR, memory-mapped. Items are (C, S, S) uint8 tensors.
 
-    `resize_to(size, channels)` gives a view that converts each image on the fly with
-    grandmother.data.fit_image (the same PIL conversion ingest uses), for a model whose input is
+    After `check_fits(size, channels)` each image is converted on the fly with
+    grandmother.images.fit_image (the same PIL conversion ingest uses), for a model whose input is
     smaller than the dataset's images or gray where the dataset is rgb.
     """
 
@@ -194,7 +203,6 @@ class ShardedDataset(torch.utils.data.Dataset):
         if self.target is None:
             return arr
         from PIL import Image
-        from .data import fit_image
         size, channels = self.target
         mode = "L" if self.channels == 1 else "RGB"
         return np.stack([fit_image(Image.fromarray(a[:, :, 0] if self.channels == 1 else a, mode), size, channels)
@@ -223,10 +231,6 @@ class ShardedDataset(torch.utils.data.Dataset):
             raise GrandmotherError(f"{self.root}: images are gray but the model wants rgb; re-run ingest with --color rgb")
         self.target = None if (self.size, self.channels) == (size, channels) else (size, channels)
 
-    def resize_to(self, size: int, channels: int) -> "ShardedDataset":
-        self.check_fits(size, channels)
-        return self
-
 
 def open_dataset(path: Path) -> ShardedDataset:
     """Open a DATA_DIR; a clear one-line error if it is not one."""
@@ -249,7 +253,94 @@ def open_dataset(path: Path) -> ShardedDataset:
     return ShardedDataset(path, index)
 
 
+# ---------------------------------------------------------------- a folder of images, decoded into memory
+
+class ImageArrayDataset(torch.utils.data.Dataset):
+    """uint8 images held in one (N, H, W, C) array; items are (C, H, W) uint8 tensors."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.ascontiguousarray(self.array[i].transpose(2, 0, 1)))
+
+    def get_batch(self, indices) -> torch.Tensor:
+        """(B, C, H, W) uint8 for a list of indices (faster than collating single items)."""
+        return torch.from_numpy(np.ascontiguousarray(self.array[np.asarray(indices)].transpose(0, 3, 1, 2)))
+
+
+def load_image_folder(root: Path, size: int, channels: int, progress: bool = False) -> tuple[ImageArrayDataset, Skipped]:
+    """Decode every image under `root` (recursively) into memory. Unreadable files are skipped and counted."""
+    root = Path(root)
+    if not root.exists():
+        raise GrandmotherError(f"data path does not exist: {root}")
+    paths = list_images(root)
+    if not paths:
+        raise GrandmotherError(f"no images found under {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    skipped = Skipped()
+    arrays = []
+    iterator = paths
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(paths, desc=f"decoding {root.name}", unit="img", disable=None)
+    for p in iterator:
+        try:
+            arrays.append(load_image(p, size, channels))
+        except Exception as e:  # PIL raises many types for corrupt files; none is fatal here
+            skipped.add(p, f"{type(e).__name__}: {e}")
+    if not arrays:
+        raise GrandmotherError(f"none of the {len(paths)} images under {root} could be read "
+                               f"(first: {skipped.items[0]['path']}: {skipped.items[0]['reason']})")
+    if skipped:
+        log.warning("skipped %d unreadable image(s) under %s, e.g. %s", len(skipped), root, skipped.items[0]["path"])
+    return ImageArrayDataset(np.stack(arrays)), skipped
+
+
+def open_training_data(path: Path, size: int, channels: int, progress: bool = False):
+    """A dataset of uint8 (C, size, size) images from a plain image folder or an ingested DATA_DIR.
+
+    Returns (dataset, skipped). The dataset has `__len__` and `get_batch(indices) -> (B, C, H, W) uint8`.
+    """
+    path = Path(path)
+    if (path / "index.json").is_file():
+        ds = open_dataset(path)
+        ds.check_fits(size, channels)
+        return ds, Skipped()
+    return load_image_folder(path, size, channels, progress)
+
+
 # ---------------------------------------------------------------- loading batches for training
+
+class BatchOrder:
+    """Which images make up the batch of each step: a fresh seeded permutation per epoch.
+
+    A pure function of (seed, step), so a resumed run, or a Downpour replica, sees exactly the batches
+    an uninterrupted run would. `subset` restricts the order to a portion of the data (a replica's).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, subset: torch.Tensor | None = None):
+        self.items = subset if subset is not None else torch.arange(n)
+        self.batch_size, self.seed = batch_size, seed
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = self.items[torch.randperm(len(self.items), generator=g)]
+            self._perm_epoch = epoch
+        return self._perm
+
+    def indices(self, step: int) -> list[int]:
+        n, out = len(self.items), []
+        start = step * self.batch_size
+        for pos in range(start, start + self.batch_size):
+            out.append(int(self._permutation(pos // n)[pos % n]))
+        return out
+
+
 
 class _BatchFetcher(torch.utils.data.Dataset):
     """Map-style wrapper whose 'index' is a whole list of indices, so a worker returns a whole batch."""

@@ -41,12 +41,13 @@ import torch
 from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, model_signature, read_meta, rng_state,
                          save_checkpoint)
 from .config import Config, save_config
-from .data import open_training_data
+from .dataset import open_training_data
 from .downpour_ps import FlatLayout, ParamShard, shard_bounds
 from .downpour_replica import Replica
 from .errors import GrandmotherError
 from .io import append_jsonl, atomic_write_json, truncate_jsonl
-from .train import build_network, seed_everything
+from .model import build_network
+from .runtime import seed_everything
 
 MAX_RESTARTS = 3  # per replica; a replica that keeps dying is a bug, not bad luck
 

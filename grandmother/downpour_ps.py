@@ -9,7 +9,7 @@ contiguous buffer per shard: a replica sends `flat_grad[bounds[k]:bounds[k+1]]` 
 Ray serialises it) and copies each fetched slice straight into its own flat parameter buffer, which the
 network's parameters are views of.
 
-A shard applies pushed gradients with the run's own optimizer (`train.build_optimizer`: Adagrad, SGD
+A shard applies pushed gradients with the run's own optimizer (`optim.build_optimizer`: Adagrad, SGD
 or Adam), on its slice. These optimizers act element by element, so K shards stepping K slices do
 exactly what one optimizer does on the whole network, which is why one replica with P = G = 1 and
 SGD reproduces single-device training step for step.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .train import build_optimizer
+from .optim import build_optimizer
 
 
 @dataclass

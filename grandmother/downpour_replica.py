@@ -33,7 +33,9 @@ from .config import Config
 from .downpour_ps import FlatLayout
 from .errors import GrandmotherError
 from .model import Network
-from .train import BatchOrder, loss_and_terms, resolve_device, terms_to_floats
+from .dataset import BatchOrder
+from .runtime import resolve_device
+from .train import loss_and_terms, terms_to_floats
 
 ACK_TIMEOUT_S = 120.0
 MAX_PUSH_TRIES = 3

@@ -3,3 +3,7 @@
 
 class GrandmotherError(Exception):
     """Bad input from the user: a flag, a file, a folder, a checkpoint. The message names it."""
+
+
+class ConfigError(GrandmotherError, ValueError):
+    """A setting that cannot be used; the message names it."""

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import IMAGE_EXTENSIONS, fit_image, load_image
+from .images import IMAGE_EXTENSIONS, fit_image, load_image
 from .dataset import (COLORS, FORMAT, check_output_dir, finish_dataset, partial_dir, read_shard_meta, shard_name,
                       write_shard)
 from .errors import GrandmotherError

@@ -30,7 +30,7 @@ import torch
 from .errors import GrandmotherError
 from .io import atomic_write_json
 from .units import Unit, unit_activation
-from .visualize import check_positive, command_line, pyplot, save_figure, unit_from_probe
+from .visualize import pyplot, save_figure
 
 
 # ---------------------------------------------------------------- transforms
@@ -91,7 +91,7 @@ def angle_of(path: Path) -> float | None:
 
 def load_images(paths: list[Path], size: int, channels: int) -> list[np.ndarray]:
     """Float (C, H, W) images in [0, 1] at the network's input size; one-line error naming a bad file."""
-    from .data import load_image
+    from .images import load_image
     out = []
     for p in paths:
         try:
@@ -103,7 +103,7 @@ def load_images(paths: list[Path], size: int, channels: int) -> list[np.ndarray]
 
 
 def image_files(folder: Path, flag: str) -> list[Path]:
-    from .data import list_images
+    from .images import list_images
     folder = Path(folder)
     if not folder.is_dir():
         raise GrandmotherError(f"{flag} {folder}: not a folder")
@@ -221,43 +221,3 @@ def run_invariance(run_dir: Path, unit_text: str, images_dir: Path, out_dir: Pat
               "rotations": str(rotations) if rotations else None, "commands": [command] if command else []}
     atomic_write_json(out_dir / "invariance.json", result)
     return result
-
-
-def cmd_invariance(args):
-    from .train import resolve_device
-    if (args.unit is None) == (args.probe is None):
-        raise GrandmotherError("give exactly one of --unit UNIT or --probe PROBE_DIR (its best unit)")
-    unit, threshold = args.unit, args.threshold
-    if args.probe is not None:
-        unit, probe_threshold, _ = unit_from_probe(Path(args.probe))
-        threshold = probe_threshold if threshold is None else threshold
-    scales = parse_range(args.scales, "--scales") if args.scales else None
-    shifts = None
-    if args.max_shift is not None:
-        check_positive(max_shift=args.max_shift, shift_step=args.shift_step)
-        shifts = list(range(-args.max_shift, args.max_shift + 1, args.shift_step))
-    res = run_invariance(Path(args.run_dir), unit, Path(args.images), Path(args.out),
-                         Path(args.rotations) if args.rotations else None, scales, shifts,
-                         resolve_device(args.device), threshold, command_line())
-    parts = []
-    for name, curve in res["curves"].items():
-        parts.append(f"{name} {min(curve['mean']):.3g}..{max(curve['mean']):.3g}")
-    print(f"{res['unit']}: mean response ranges " + "; ".join(parts) + f"; wrote {args.out}")
-
-
-def register(sub):
-    p = sub.add_parser("invariance", help="a unit's response to scaled, shifted and rotated images (Figure 4)")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="training run directory (with checkpoints)")
-    p.add_argument("--unit", help="unit id s<stage>.<filter|pool|lcn>.m<map>.y<row>.x<col>")
-    p.add_argument("--probe", metavar="PROBE_DIR", help="take the best unit (and its threshold) of this probe")
-    p.add_argument("--images", required=True, metavar="DIR", help="a few images of the concept (paper: 10 faces)")
-    p.add_argument("--rotations", metavar="DIR", help="one sub-folder per out-of-plane rotation sequence, "
-                                                      "images in angle order (names like rot_045.png give degrees)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--scales", help="scale factors, START:STOP:COUNT or a list (default 0.4:1.6:13)")
-    p.add_argument("--max-shift", type=int, help="largest shift in pixels at the network input "
-                                                 "(default: a quarter of the input size)")
-    p.add_argument("--shift-step", type=int, default=1, help="pixels between shifts with --max-shift (default 1)")
-    p.add_argument("--threshold", type=float, help="draw this response threshold on the plots")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.set_defaults(func=cmd_invariance)

@@ -201,3 +201,10 @@ class Network(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def build_network(cfg, device: torch.device) -> Network:
+    """The network of config `cfg` at its seeded initialisation (the "random weights" baseline uses the same call)."""
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    net = Network(cfg.model, generator=gen)  # initialised on CPU so every device gets the same weights
+    return net.to(device)

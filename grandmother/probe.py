@@ -129,7 +129,7 @@ def probe_templates(templates: torch.Tensor, features_fn, labels, cache_dir: Pat
 
 
 def linear_filter_templates(net, train_data, n, device, seed=0) -> torch.Tensor:
-    from .data import open_training_data
+    from .dataset import open_training_data
     c, h, _ = net.input_shape
     ds, _ = open_training_data(Path(train_data), h, c)
     n = min(int(n), len(ds))
@@ -141,7 +141,7 @@ def linear_filter_templates(net, train_data, n, device, seed=0) -> torch.Tensor:
 def _downsample(images: torch.Tensor, size: int) -> np.ndarray:
     """uint8 (B, C, H, W) -> float (B, size*size*C), resized by data.fit_image (the project's one resizer)."""
     from PIL import Image
-    from .data import fit_image
+    from .images import fit_image
     c = images.shape[1]
     out = []
     for im in images.numpy().transpose(0, 2, 3, 1):
@@ -158,7 +158,7 @@ def _unit_vectors(x: np.ndarray) -> np.ndarray:
 
 def fit_kmeans_centroids(train_data, channels, n_centroids, max_images=100_000, seed=0) -> np.ndarray:
     from sklearn.cluster import MiniBatchKMeans
-    from .data import open_training_data
+    from .dataset import open_training_data
     ds, _ = open_training_data(Path(train_data), KMEANS_SIZE, channels)
     n = min(max_images, len(ds))
     if n < n_centroids:
@@ -195,7 +195,7 @@ def run_probe(run_dir, testset_dir, out_dir, *, ablation=None, autoencoders=(), 
               on_batch=None) -> dict:
     """Probe RUN_DIR on TEST_DIR (or on `dataset`/`labels` given directly) and write OUT_DIR/probe.json."""
     from .checkpoint import load_run
-    from .train import build_network
+    from .model import build_network
     out_dir, run_dir = Path(out_dir), Path(run_dir)
     device = torch.device(device)
     cfg, net, meta = load_run(run_dir, device)
@@ -276,33 +276,3 @@ def format_table(result: dict) -> str:
     lines.append(f"threshold of the best unit: {result['best']['threshold']:.4g}  "
                  f"({result['n_images']} images, {result['n_positive']} positive)")
     return "\n".join(lines)
-
-
-def cmd_probe(args) -> int:
-    res = run_probe(args.run_dir, args.testset, args.out, ablation=args.ablation, autoencoders=args.autoencoder,
-                    linear_filters=args.linear_filters, train_data=args.train_data, kmeans_train=args.kmeans_train,
-                    kmeans_centroids=args.kmeans_centroids, random_weights=not args.no_random_weights,
-                    batch_size=args.batch_size, device=args.device, concept=args.concept, progress=True)
-    print(format_table(res))
-    print(f"wrote {Path(args.out) / 'probe.json'}")
-    return 0
-
-
-def register(sub):
-    p = sub.add_parser("probe", help="score every unit on a labeled test set, with Table 1's baselines")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--testset", required=True, metavar="TEST_DIR", help="made by `grandmother testset`")
-    p.add_argument("--out", required=True, metavar="PROBE_DIR")
-    p.add_argument("--ablation", metavar="RUN_DIR", help="a run trained with --no-lcn: baseline no_lcn")
-    p.add_argument("--autoencoder", action="append", default=[], metavar="RUN_DIR",
-                   help="a run of preset autoencoder3/autoencoder6 (repeatable): deep_autoencoder_<layers>")
-    p.add_argument("--linear-filters", type=int, default=100_000, metavar="N",
-                   help="training images used as linear templates (paper 100000, capped by the data; 0 = skip)")
-    p.add_argument("--train-data", metavar="PATH", help="training images for the linear filters (default: the run's)")
-    p.add_argument("--kmeans-train", metavar="DATA", help="training images for the K-means baseline (40x40)")
-    p.add_argument("--kmeans-centroids", type=int, default=100, metavar="N")
-    p.add_argument("--no-random-weights", action="store_true", help="skip the random-weights baseline")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--concept", help="name of the positive class (e.g. faces), for the report")
-    p.set_defaults(func=cmd_probe)

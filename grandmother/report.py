@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import GrandmotherError
 from .io import atomic_write_text
-from .visualize import command_line, pyplot
+from .visualize import pyplot
 
 # Table 1 columns: key in probe.json ("best" or a "baselines" entry) and the paper's column name.
 TABLE_COLUMNS = [
@@ -384,21 +384,3 @@ def build_report(run_dir: Path, out: Path, probes=None, visualize=None, invarian
     atomic_write_text(Path(out), page)
     return {"out": str(out), "scale": scale, "rows": [(concept_name(p, d), table_row(p)) for d, p in found["probe"]],
             "found": {k: [str(d) for d, _ in v] for k, v in found.items()}}
-
-
-def cmd_report(args):
-    res = build_report(Path(args.run_dir), Path(args.out), args.probe, args.visualize, args.invariance,
-                       args.classify, command=command_line())
-    found = ", ".join(f"{len(v)} {k}" for k, v in res["found"].items())
-    print(f"wrote {Path(args.out).resolve()} ({found})")
-
-
-def register(sub):
-    p = sub.add_parser("report", help="one self-contained HTML report: training, Table 1, figures, commands")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="training run directory")
-    p.add_argument("--out", required=True, help="the HTML file to write")
-    p.add_argument("--probe", action="append", type=Path, metavar="DIR", help="a probe folder (repeatable)")
-    p.add_argument("--visualize", action="append", type=Path, metavar="DIR", help="a visualize folder (repeatable)")
-    p.add_argument("--invariance", action="append", type=Path, metavar="DIR", help="an invariance folder (repeatable)")
-    p.add_argument("--classify", action="append", type=Path, metavar="DIR", help="a classify folder (repeatable)")
-    p.set_defaults(func=cmd_report)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .errors import ConfigError
+
 
 @dataclass
 class StageShape:
@@ -31,8 +33,6 @@ def conv_out(size: int, field: int, stride: int) -> int:
 
 
 def stage_shapes(model_cfg) -> list[StageShape]:
-    from .config import ConfigError
-
     c, h, w = model_cfg.channels, model_cfg.image_size, model_cfg.image_size
     out = []
     for i, s in enumerate(model_cfg.stages):

@@ -17,59 +17,15 @@ import torch
 from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, model_signature, read_meta, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import Config, save_config
-from .data import open_training_data
-from .dataset import load_batches
+from .dataset import BatchOrder, load_batches, open_training_data
 from .errors import GrandmotherError
 from .io import append_jsonl, atomic_write_json, truncate_jsonl
-from .model import Network
+from .model import Network, build_network
+from .optim import build_optimizer
+from .runtime import resolve_device, seed_everything
 
 
-# ---------------------------------------------------------------- pieces shared with Downpour
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GrandmotherError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
-    return torch.device(name)
-
-
-def build_optimizer(params, train_cfg) -> torch.optim.Optimizer:
-    if train_cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum)
-    if train_cfg.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=train_cfg.lr)
-    if train_cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=train_cfg.lr)
-    raise GrandmotherError(f"--optimizer {train_cfg.optimizer!r}: choose sgd, adagrad or adam")
-
-
-class BatchOrder:
-    """Which images make up the batch of each step: a fresh seeded permutation per epoch.
-
-    A pure function of (seed, step), so a resumed run, or a Downpour replica, sees exactly the batches
-    an uninterrupted run would. `subset` restricts the order to a portion of the data (a replica's).
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, subset: torch.Tensor | None = None):
-        self.items = subset if subset is not None else torch.arange(n)
-        self.batch_size, self.seed = batch_size, seed
-        self._perm_epoch, self._perm = -1, None
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = self.items[torch.randperm(len(self.items), generator=g)]
-            self._perm_epoch = epoch
-        return self._perm
-
-    def indices(self, step: int) -> list[int]:
-        n, out = len(self.items), []
-        start = step * self.batch_size
-        for pos in range(start, start + self.batch_size):
-            out.append(int(self._permutation(pos // n)[pos % n]))
-        return out
-
+# ---------------------------------------------------------------- one training step's loss
 
 def loss_and_terms(net: Network, images: torch.Tensor):
     """Forward with the objective on one uint8 batch; returns (loss tensor, per-stage term tensors)."""
@@ -79,18 +35,6 @@ def loss_and_terms(net: Network, images: torch.Tensor):
 
 def terms_to_floats(terms) -> list[dict[str, float]]:
     return [{k: float(v.detach()) for k, v in t.items()} for t in terms]
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def build_network(cfg: Config, device: torch.device) -> Network:
-    """The network at its seeded initialisation (the "random weights" baseline uses the same call)."""
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    net = Network(cfg.model, generator=gen)  # initialised on CPU so every device gets the same weights
-    return net.to(device)
 
 
 # ---------------------------------------------------------------- the training function

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -306,53 +304,3 @@ def run_visualize(run_dir: Path, testset_dir: Path, unit_text: str, out_dir: Pat
     }
     atomic_write_json(out_dir / "visualize.json", result)
     return result
-
-
-def command_line() -> str:
-    return "grandmother " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
-def check_positive(**flags) -> None:
-    for name, value in flags.items():
-        if value is not None and value < 1:
-            raise GrandmotherError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-
-
-def cmd_visualize(args):
-    from .train import resolve_device
-    if (args.unit is None) == (args.probe is None):
-        raise GrandmotherError("give exactly one of --unit UNIT or --probe PROBE_DIR (its best unit)")
-    check_positive(restarts=args.restarts, iters=args.iters, top=args.top)
-    if args.radius is not None and not args.radius > 0:
-        raise GrandmotherError(f"--radius {args.radius}: must be positive")
-    threshold, concept, unit = args.threshold, args.concept, args.unit
-    if args.probe is not None:
-        unit, probe_threshold, probe_concept = unit_from_probe(Path(args.probe))
-        threshold = probe_threshold if threshold is None else threshold
-        concept = concept or probe_concept
-    res = run_visualize(Path(args.run_dir), Path(args.testset), unit, Path(args.out), threshold=threshold,
-                        concept=concept, device=resolve_device(args.device), restarts=args.restarts,
-                        max_iters=args.iters,
-                        radius=args.radius, seed=args.seed, top=args.top, command=command_line())
-    st = res["optimal_stimulus"]
-    print(f"{res['unit']}: {res['top_images']['positives_among_top']} of the top {res['top_images']['count']} test "
-          f"images are {res['concept']}; optimal stimulus f(x*) = {st['value']:.4g} (best test image "
-          f"{st['best_test_activation']:.4g}); wrote {args.out}")
-
-
-def register(sub):
-    p = sub.add_parser("visualize", help="histogram, top test images and optimal stimulus of one unit")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="training run directory (with checkpoints)")
-    p.add_argument("--testset", required=True, metavar="TEST_DIR", help="labeled test set (`grandmother testset`)")
-    p.add_argument("--unit", help="unit id s<stage>.<filter|pool|lcn>.m<map>.y<row>.x<col>")
-    p.add_argument("--probe", metavar="PROBE_DIR", help="take the best unit (and its threshold) of this probe")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--threshold", type=float, help="draw this threshold on the histogram")
-    p.add_argument("--concept", help="name of the positive class in the plots (default: from the probe)")
-    p.add_argument("--restarts", type=int, default=4, help="random starts of the optimal-stimulus search (default 4)")
-    p.add_argument("--iters", type=int, default=300, help="max ascent iterations per start (default 300)")
-    p.add_argument("--radius", type=float, help="norm of x* in input space (default sqrt(C*H*W))")
-    p.add_argument("--top", type=int, default=48, help="how many top test images to show (default 48)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.set_defaults(func=cmd_visualize)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from grandmother import classify as C
 from grandmother.checkpoint import load_run
-from grandmother.cli import main as cli
+from grandmother.commands import main as cli
 from grandmother.config import load_config
 from grandmother.train import train
 

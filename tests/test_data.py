@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grandmother.cli import main as cli_main
-from grandmother.data import fit_image, open_training_data
+from grandmother.commands import main as cli_main
+from grandmother.dataset import open_training_data
+from grandmother.images import fit_image
 from grandmother.dataset import load_batches, open_dataset, partial_dir
 from grandmother.errors import GrandmotherError
 from grandmother.ingest import ingest
@@ -121,7 +122,7 @@ def slow_write(*a, **k):  # slow the run down so the test can kill it between sh
     write(*a, **k)
     time.sleep(0.4)
 ing.write_shard = slow_write
-from grandmother.cli import main
+from grandmother.commands import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -233,7 +234,7 @@ def test_dataset_across_shards_loader_and_model_fit(tmp_path):
     np.testing.assert_array_equal(ds.get_batch(idx).numpy(), expected[idx].transpose(0, 3, 1, 2))
     np.testing.assert_array_equal(ds[9].numpy(), expected[9].transpose(2, 0, 1))
 
-    from grandmother.train import BatchOrder
+    from grandmother.dataset import BatchOrder
     order = [BatchOrder(len(ds), 4, seed=1).indices(step) for step in range(2 * 23 // 4)]
     assert sorted(i for b in order[:5] for i in b) != list(range(20))  # shuffled across shards
     first_epoch = [i for b in order[: 23 // 4] for i in b]

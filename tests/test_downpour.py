@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from grandmother.checkpoint import latest_checkpoint, load_checkpoint, load_run, read_meta, save_checkpoint
-from grandmother.cli import main as cli
+from grandmother.commands import main as cli
 from grandmother.config import load_config
 from grandmother.downpour_ps import FlatLayout, ShardState, shard_bounds
 
@@ -104,7 +104,7 @@ def _fake_downpour_checkpoint(run: Path, shards: int, replicas: int = 1):
     cfg = load_config("small", TINY)
     from grandmother.checkpoint import model_signature
     from grandmother.config import save_config
-    from grandmother.train import build_network
+    from grandmother.model import build_network
     net = build_network(cfg, torch.device("cpu"))
     save_config(cfg, run / "config.yaml")
     save_checkpoint(run, 2, net.state_dict(), {}, {"engine": "downpour", "images_seen": 16, "replicas": replicas,
@@ -159,10 +159,11 @@ def test_one_replica_sgd_p1_g1_matches_single_device_step_for_step(tmp_path, ray
 
 
 def test_two_replicas_reach_the_single_device_loss_at_equal_images(tmp_path, ray_run, one_thread):
-    from grandmother.commands_downpour import evaluate_loss
-    from grandmother.data import open_training_data
+    from grandmother.bench_downpour import evaluate_loss
+    from grandmother.dataset import open_training_data
     from grandmother.downpour import train_downpour
-    from grandmother.train import build_network, train
+    from grandmother.model import build_network
+    from grandmother.train import train
     data = make_images(tmp_path / "imgs", n=48)
     cfg = load_config("small", FAST + ["train.steps=80", "train.lr=0.02", "train.log_every=10",
                                        "downpour.replicas=2", "downpour.ps_shards=2", "downpour.warmstart_steps=4"])

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from grandmother.cli import main as cli
+from grandmother.commands import main as cli
 from grandmother.config import load_config
 from grandmother.kernels import get_kernel, kernel_names
 
@@ -40,8 +40,8 @@ class ReferencePrimitives:
 def tile_budget(request, monkeypatch):
     """Run each case with the normal budget (one tile) and a budget of one output row per tile."""
     if request.param == "row_tiles":
-        import grandmother.kernels.tiled as tiled
-        monkeypatch.setattr(tiled, "TILE_BYTES", {"cpu": 1, "cuda": 1})
+        import grandmother.kernels.base as base
+        monkeypatch.setattr(base, "TILE_BYTES", {"cpu": 1, "cuda": 1})
     return request.param
 
 

@@ -9,7 +9,7 @@ import torch
 
 from grandmother.checkpoint import model_signature, save_checkpoint
 from grandmother.config import config_from_dict, save_config
-from grandmother.data import ImageArrayDataset
+from grandmother.dataset import ImageArrayDataset
 from grandmother.errors import GrandmotherError
 from grandmother.model import Network
 from grandmother.probe import probe_network, run_probe, summarize
@@ -118,7 +118,7 @@ def test_run_probe_writes_json_and_resumes_from_cache(tmp_path, monkeypatch):
     run = make_run(tmp_path / "run", cfg, net)
     monkeypatch.setattr("grandmother.probe._open_testset", lambda p: (ds, labels, {}))
     train = ImageArrayDataset(ds.array[::3])
-    monkeypatch.setattr("grandmother.data.open_training_data", lambda p, size, c, progress=False: (train, None))
+    monkeypatch.setattr("grandmother.dataset.open_training_data", lambda p, size, c, progress=False: (train, None))
     seen, stop_after = [], [13]
 
     def interrupt(phase, batch):

@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from grandmother.checkpoint import latest_checkpoint, load_checkpoint, load_run
-from grandmother.cli import main as cli
+from grandmother.commands import main as cli
 from grandmother.config import load_config
 from grandmother.errors import GrandmotherError
-from grandmother.train import BatchOrder, train
+from grandmother.dataset import BatchOrder
+from grandmother.train import train
 
 TINY = ["model.image_size=16", "model.stages.*.receptive_field=4", "model.stages.*.maps=2",
         "model.stages.*.pool_size=2", "model.stages.*.lcn_size=3", "model.stages.*.lcn_sigma=1.0",

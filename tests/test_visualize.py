@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from grandmother.checkpoint import model_signature, save_checkpoint
-from grandmother.cli import main as cli
+from grandmother.commands import main as cli
 from grandmother.config import load_config, save_config
 from grandmother.errors import GrandmotherError
 from grandmother.invariance import angle_of, rotation_curve, run_invariance, warp

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import LocallyConnectedKernel, register_kernel
+from .base import LocallyConnectedKernel, register_kernel
 
 
 class ReferenceKernel(LocallyConnectedKernel):

@@ -16,7 +16,7 @@ are permuted to (Ho, W, M, k, k, C) on each call (M/B of the patch volume: 8% at
 Backward: the weight gradient is the same k products transposed (gy_t @ X_p^T). The input gradient
 uses that field offset (p, q) of every location lands in one contiguous block of the batch-last input
 gradient: k^2 baddbmm accumulate into those blocks directly (for one input channel, where those products
-are too thin, a field row's patch gradients are computed in chunks bounded by TILE_BYTES, then added).
+are too thin, a field row's patch gradients are computed in chunks bounded by the tile budget, then added).
 
 Strides other than 1 would need junk at every column (waste (s-1)/s), so they use the tiled kernel.
 Same torch-ops code on CPU and CUDA (cuBLAS strided-batched matmuls accept the overlapping views).
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register_kernel, tiled
+from .base import register_kernel, tile_bytes
 from .tiled import TiledKernel
 
 
@@ -69,7 +69,7 @@ class RowShiftKernel(TiledKernel):
         c, h, w = in_chw
         ho = h - field + 1
         relaid = (h + 1) * w * c * batch + ho * w * maps * c * field ** 2 + ho * w * maps * batch
-        chunk = tiled.TILE_BYTES.get(device_type, tiled.TILE_BYTES["cuda"]) if c == 1 else 0
+        chunk = tile_bytes(device_type) if c == 1 else 0
         return element_size * relaid + chunk  # batch-last input, padded weights and output; C == 1 buffer
 
     def forward(self, x, w, stride):
@@ -121,7 +121,7 @@ class RowShiftKernel(TiledKernel):
             # One input channel makes those products (1 x M) @ (M x B), too thin for a matmul (measured
             # 1.6x slower at the small preset's stage 0): compute a whole field row's patch gradients in
             # chunks of locations (bounded by the tile budget), then k adds of contiguous blocks.
-            budget = tiled.TILE_BYTES.get(gy.device.type, tiled.TILE_BYTES["cuda"])
+            budget = tile_bytes(gy.device.type)
             chunk = max(1, budget // (k * CB * gy.element_size()))
             for t0 in range(0, n, chunk):
                 t1 = min(n, t0 + chunk)

@@ -4,8 +4,8 @@ The reference kernel unfolds the whole batch into patches (B x Ho*Wo x C*k*k flo
 of 100 paper-sized images) and then multiplies. Here the output rows are cut into tiles; for each tile
 the patches are gathered from a strided view of the input (`as_strided`, one copy into a location-major
 (L_t, B, C*k*k) buffer; F.unfold measured ~30x slower than this copy on CPU) and one torch.bmm per tile
-does every location's (M x Ckk) @ (Ckk x B) product. The patch buffer is bounded by TILE_BYTES, so the
-memory added beyond inputs, outputs and weights is O(tile), never the whole batch's patches.
+does every location's (M x Ckk) @ (Ckk x B) product. The patch buffer is bounded by the tile budget
+(base.tile_bytes), so the memory added beyond inputs, outputs and weights is O(tile), never the whole batch's patches.
 
 The same torch-ops code runs on CPU and CUDA; only the tile budget differs. torch.bmm is multithreaded
 on CPU (intra-op parallelism) and one batched cuBLAS call on CUDA, so there is no extra threading here.
@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from . import PrimitiveKernel, register_kernel
+from .base import PrimitiveKernel, register_kernel, tile_bytes
 
-# Patch-buffer budget per tile. Measured on the 2-core CPU (small preset, batch 100; README: Speed):
-# torch.bmm has a large per-call cost, so tiles of a few locations were slower than big ones, while
-# tiles of 32 MB and more fall out of cache (the stage-1 input-gradient pass took 2x longer than at
-# 8-16 MB). CUDA: large tiles so each bmm fills the GPU.
-TILE_BYTES = {"cpu": 8 << 20, "cuda": 1 << 30}
 
 
 def _row_tiles(B, w_shape, element_size, device_type):
     """Yield (i0, i1) ranges of output rows whose patch buffer fits the device's tile budget."""
     Ho, Wo, M, C, k, _ = w_shape
     row_bytes = B * Wo * C * k * k * element_size
-    rows = max(1, min(Ho, TILE_BYTES.get(device_type, TILE_BYTES["cuda"]) // max(1, row_bytes)))
+    rows = max(1, min(Ho, tile_bytes(device_type) // max(1, row_bytes)))
     for i0 in range(0, Ho, rows):
         yield i0, min(Ho, i0 + rows)
 
@@ -53,7 +48,7 @@ class TiledKernel(PrimitiveKernel):
     name = "tiled"
 
     def workspace_bytes(self, batch, in_chw, maps, field, stride, device_type, element_size=4):
-        return TILE_BYTES.get(device_type, TILE_BYTES["cuda"])  # at most one tile's patch buffer
+        return tile_bytes(device_type)  # at most one tile's patch buffer
 
     def forward(self, x, w, stride):
         Ho, Wo, M, C, k, _ = w.shape

@@ -4,31 +4,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import CHOICES, load_config
-
-
-def add_config_arguments(p, preset_default="small"):
-    """--preset / --set, shared by every command that builds a config."""
-    p.add_argument("--preset", default=preset_default,
-                   help="preset name (grandmother/presets/*.yaml) or a path to a YAML config (default: %(default)s)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any setting, e.g. --set model.sparsity=0.2 --set model.stages.*.maps=4")
-
-
-def config_from_args(args, flag_map: dict[str, str]):
-    """Load the preset, apply --set overrides, then the explicit flags (which win)."""
-    overrides = list(args.overrides)
-    for attr, key in flag_map.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
-    return load_config(args.preset, overrides)
+from ..config import CHOICES
+from ..errors import GrandmotherError
+from .common import add_config_arguments, config_from_args
 
 
 # ---------------------------------------------------------------- model-info
 
 def cmd_model_info(args):
-    from .shapes import format_model_info, model_info
+    from ..shapes import format_model_info, model_info
     info = model_info(config_from_args(args, {}))
     print(json.dumps(info, indent=2) if args.json else format_model_info(info))
 
@@ -47,17 +31,16 @@ TRAIN_FLAGS = {
 
 
 def cmd_train(args):
-    from .errors import GrandmotherError
     if args.no_lcn:
         args.overrides.append("model.lcn=false")
     cfg = config_from_args(args, TRAIN_FLAGS)
     if not args.data:
         raise GrandmotherError("--data is required: a folder of images or a dataset made by `grandmother ingest`")
     if cfg.engine == "downpour":
-        from .downpour import train_downpour
+        from ..downpour import train_downpour
         summary = train_downpour(cfg, Path(args.data), Path(args.out), resume=args.resume)
     else:
-        from .train import train
+        from ..train import train
         summary = train(cfg, Path(args.data), Path(args.out), resume=args.resume)
     final = summary.get("final") or {}
     print(f"trained {summary['steps']} steps ({summary['images_seen']} images); "
@@ -67,7 +50,7 @@ def cmd_train(args):
 # ---------------------------------------------------------------- demo
 
 def cmd_demo(args):
-    from .demo import run_demo
+    from ..demo import run_demo
     run_demo(Path(args.out), steps=args.steps)
 
 

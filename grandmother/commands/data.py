@@ -1,4 +1,4 @@
-"""Subcommands: ingest, audit, filter-faces, testset, bench-data."""
+"""Subcommands: ingest, audit, filter-faces, testset."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 # ---------------------------------------------------------------- ingest
 
 def cmd_ingest(args):
-    from .ingest import ingest
+    from ..ingest import ingest
     index = ingest(args.sources, Path(args.out), size=args.size, color=args.color, seed=args.seed,
                    frames_per_video=args.frames_per_video, workers=args.workers, shard_size=args.shard_size,
                    exclude=args.exclude, overwrite=args.overwrite, progress=not args.quiet)
@@ -31,7 +31,7 @@ def cmd_ingest(args):
 # ---------------------------------------------------------------- audit / filter-faces
 
 def cmd_audit(args):
-    from .faces import audit
+    from ..faces import audit
     report = audit(Path(args.data_dir), patches=args.patches, patch_size=args.patch_size, seed=args.seed,
                    cascade=args.cascade, per_image=args.per_image, min_neighbors=args.min_neighbors,
                    progress=not args.json)
@@ -48,7 +48,7 @@ def cmd_audit(args):
 
 
 def cmd_filter_faces(args):
-    from .faces import filter_faces
+    from ..faces import filter_faces
     report = filter_faces(Path(args.data_dir), Path(args.out), cascade=args.cascade, min_neighbors=args.min_neighbors,
                           overwrite=args.overwrite, progress=not args.quiet)
     print(f"{args.out}: removed {report['removed']} of {report['images_in']} images in which {report['cascade']} "
@@ -59,7 +59,7 @@ def cmd_filter_faces(args):
 # ---------------------------------------------------------------- testset
 
 def cmd_testset(args):
-    from .testset import build_testset
+    from ..testset import build_testset
     index = build_testset(args.positive, args.negative, Path(args.out), positive_fraction=args.positive_fraction,
                           size=args.size, color=args.color, seed=args.seed, count=args.count, group_by=args.group_by,
                           workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
@@ -70,17 +70,9 @@ def cmd_testset(args):
     return 0
 
 
-# ---------------------------------------------------------------- bench-data
-
-def cmd_bench_data(args):
-    from .bench_data import run_bench_data
-    run_bench_data(Path(args.src), limit=args.limit, workers=args.workers, batches=args.batches)
-    return 0
-
-
 def register(sub):
-    from .faces import DEFAULT_CASCADE
-    from .testset import PAPER_POSITIVE_FRACTION
+    from ..faces import DEFAULT_CASCADE
+    from ..testset import PAPER_POSITIVE_FRACTION
 
     p = sub.add_parser("ingest", help="videos, images and folders in, a sharded dataset (DATA_DIR) out")
     p.add_argument("sources", nargs="*", metavar="SRC", help="video file, image file or folder (recursive)")
@@ -138,10 +130,3 @@ def register(sub):
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_testset)
-
-    p = sub.add_parser("bench-data", help="ingest and loader throughput vs the small preset's training rate")
-    p.add_argument("--src", default="../shared/data/objects", help="images to ingest (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=600, help="files to ingest per configuration (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="worker count for the parallel rows (default: %(default)s)")
-    p.add_argument("--batches", type=int, default=40, help="loader batches of 100 to time (default: %(default)s)")
-    p.set_defaults(func=cmd_bench_data)

@@ -274,18 +274,13 @@ def unit_table(acts, labels, split: Split, direction: str = DEFAULT_DIRECTION, n
 def _bootstrap_stats(values, groups, n_boot: int, seed: int) -> np.ndarray:
     """(n_boot,) mean of `values` over resamples. Resampling draws, for each of n_boot rows,
     rng.integers(0, G, G) groups with replacement (rng = np.random.default_rng(seed); G groups, numbered
-    in order of first appearance; without groups every image is its own group, in order) and returns
+    in order of first appearance; an image without a group (None, "") or without `groups` at all is a
+    group of its own) and returns
     sum(values of the drawn groups) / number of images drawn."""
     values = np.asarray(values, np.float64).ravel()
     if len(values) == 0:
         raise GrandmotherError("bootstrap of an empty set")
-    if groups is None:
-        codes = np.arange(len(values))
-    else:
-        _, first, codes = np.unique(np.asarray([str(g) for g in groups]), return_index=True, return_inverse=True)
-        remap = np.empty(len(first), np.int64)
-        remap[np.argsort(first, kind="stable")] = np.arange(len(first))  # number groups by first appearance
-        codes = remap[codes.ravel()]
+    codes = _group_codes(groups, len(values))  # None / "" stand for a group of one
     n_groups = int(codes.max()) + 1
     sums = np.bincount(codes, weights=values, minlength=n_groups)
     sizes = np.bincount(codes, minlength=n_groups).astype(np.float64)
@@ -322,7 +317,8 @@ def evaluate(acts, labels, split: Split, *, direction: str = DEFAULT_DIRECTION, 
              groups=None, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = DEFAULT_BOOTSTRAP_SEED,
              names=None, table: UnitTable | None = None) -> dict:
     """The held-out record of a response matrix (n, U): unit chosen on selection, accuracy on evaluation
-    with a bootstrap interval, its AUCs, and the paper's same-set number (best unit on all images).
+    with a bootstrap interval, its evaluation-half AUC in the chosen direction, and the paper's same-set
+    number (the best unit on all images, positive direction).
     `groups` (n,) are the identities used by the cluster bootstrap; `names` label the units. The record's
     "correct" (n_eval,) is for pairwise comparison and is not JSON: drop it before writing."""
     acts = np.asarray(acts)
@@ -339,7 +335,7 @@ def evaluate(acts, labels, split: Split, *, direction: str = DEFAULT_DIRECTION, 
     return {"unit": name(u), "direction": "positive" if table.sign[u] > 0 else "negative",
             "threshold": float(table.threshold[u]), "selection_accuracy": float(table.selection_accuracy[u]),
             "evaluation_accuracy": float(table.evaluation_accuracy[u]), "ci95": [lo, hi],
-            "auc_selection": float(table.auc_selection[u]), "auc_evaluation": float(table.auc_evaluation[u]),
+            "auc_evaluation": float(table.auc_evaluation[u] if table.sign[u] > 0 else 1 - table.auc_evaluation[u]),
             "same_set_accuracy": float(table.same_set_accuracy[paper_u]), "same_set_unit": name(paper_u),
             "units": len(table), "correct": correct}
 

@@ -163,8 +163,10 @@ def test_bootstrap_follows_its_documented_draws():
     rng = np.random.default_rng(4)
     values = (rng.random(13) < 0.6).astype(float)
     groups = ["g%d" % g for g in rng.integers(0, 5, 13)]
+    groups[3] = groups[8] = None  # no identity: each a group of its own
     for gr in (None, groups):
-        codes = list(range(13)) if gr is None else [list(dict.fromkeys(gr)).index(g) for g in gr]
+        keys = list(range(13)) if gr is None else [g if g is not None else ("own", i) for i, g in enumerate(gr)]
+        codes = [list(dict.fromkeys(keys)).index(k) for k in keys]
         G = max(codes) + 1
         draws = np.random.default_rng(7).integers(0, G, (50, G))
         stats = []
@@ -172,7 +174,7 @@ def test_bootstrap_follows_its_documented_draws():
             picked = [i for g in row for i in range(13) if codes[i] == g]
             stats.append(np.mean(values[picked]))
         np.testing.assert_allclose(H._bootstrap_stats(values, gr, 50, 7), stats)
-        assert H.bootstrap_ci(values, gr, n_boot=50, seed=7) == tuple(np.quantile(stats, [0.025, 0.975]))
+        assert H.bootstrap_ci(values, gr, n_boot=50, seed=7) == pytest.approx(np.quantile(stats, [0.025, 0.975]))
     # each image its own group is the plain bootstrap
     np.testing.assert_allclose(H._bootstrap_stats(values, [str(i) for i in range(13)], 30, 1),
                                H._bootstrap_stats(values, None, 30, 1))
@@ -226,6 +228,7 @@ def test_trivial_cue_decides_a_synthetic_set(cue):
     r = scores[cue]
     assert r["evaluation_accuracy"] >= 0.95 and r["ci95"][0] >= 0.9
     assert r["ci95"][0] <= r["evaluation_accuracy"] <= r["ci95"][1]
+    assert r["auc_evaluation"] >= 0.95  # in the chosen direction, also for a "less means positive" cue
     if cue == "mean":  # a brightness shift leaves contrast and gradients uninformative
         assert scores["contrast"]["evaluation_accuracy"] < 0.75
         assert scores["gradient_energy"]["evaluation_accuracy"] < 0.75

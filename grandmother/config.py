@@ -57,8 +57,12 @@ class ModelConfig:
     # and it costs a backward pass through pooling and LCN. Both sum the three objectives.
     stage_gradients: str = "local"
     # Per-image preprocessing of the raw pixels: "standardize" (zero mean, unit variance per image,
-    # our choice: the paper is silent), or "none" (pixels scaled to [0, 1]).
+    # our choice: the paper is silent), "lcn" (standardize, then local contrast normalization of the
+    # pixels with stage 0's LCN window: a local whitening), or "none" (pixels scaled to [0, 1]).
     input_norm: str = "standardize"
+    # True: the decoder is the encoder's transpose (RICA, Le et al. NIPS 2011); the decoder tensor is
+    # then unused. False: untied W1 and W2 as in the paper.
+    tied: bool = False
     # Locally connected kernel: "auto" picks the fastest registered one for the device, "reference"
     # is the plain unfold + batched-matmul implementation (see grandmother/kernels).
     kernel: str = "auto"
@@ -81,6 +85,11 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics.jsonl lines
     num_workers: int = 0  # background data-loading workers
     grad_clip: float = 0.0  # 0 = off
+    # Norm control for the untied objective, whose scale is degenerate (W1 * a, W2 / a keeps the
+    # reconstruction and shrinks the sparsity term): after every step each unit's "decoder" (or
+    # "encoder") vector is projected back to unit L2 norm, as sparse coding does with its dictionary.
+    # "none" is the paper's text. Default per preset (docs/experiments.md).
+    norm_control: str = "none"
 
 
 @dataclass
@@ -114,9 +123,10 @@ class Config:
 CHOICES = {
     "engine": ("local", "downpour"),
     "model.stage_gradients": ("local", "joint"),
-    "model.input_norm": ("standardize", "none"),
+    "model.input_norm": ("standardize", "lcn", "none"),
     "model.kind": ("sparse_ae", "sigmoid_ae"),
     "train.optimizer": ("sgd", "adagrad", "adam"),
+    "train.norm_control": ("none", "decoder", "encoder"),
     "train.device": ("auto", "cpu", "cuda"),
 }
 
@@ -207,6 +217,9 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     if t.steps < 0 or t.batch_size < 1 or t.lr <= 0:
         raise ConfigError("train.steps >= 0, train.batch_size >= 1 and train.lr > 0 are required")
+    if cfg.engine == "downpour" and t.norm_control != "none":
+        raise ConfigError(f"train.norm_control={t.norm_control}: the Downpour engine does not project norms (its "
+                          f"shards hold flat slices); use --set train.norm_control=none with --engine downpour")
     d = cfg.downpour
     if d.fetch_every < 1 or d.push_every < 1:
         raise ConfigError(f"--fetch-every and --push-every must be >= 1 (got P={d.fetch_every}, G={d.push_every})")

@@ -27,8 +27,10 @@ from .shapes import stage_shapes
 class LocallyConnected(nn.Module):
     """Encoder W1 and decoder W2 of one stage, both of shape (Ho, Wo, M, C, k, k), not tied."""
 
-    def __init__(self, in_channels, in_hw, field, stride, maps, kernel="auto", generator=None, device=None):
+    def __init__(self, in_channels, in_hw, field, stride, maps, kernel="auto", generator=None, device=None,
+                 tied=False):
         super().__init__()
+        self.tied = tied
         self.in_channels, self.in_hw, self.field, self.stride, self.maps = in_channels, tuple(in_hw), field, stride, maps
         self.out_hw = ((in_hw[0] - field) // stride + 1, (in_hw[1] - field) // stride + 1)
         self.kernel_name = kernel
@@ -55,7 +57,7 @@ class LocallyConnected(nn.Module):
         return self.kernel.encode(x, self.encoder, self.stride)
 
     def decode(self, y):
-        return self.kernel.decode(y, self.decoder, self.stride, self.in_hw)
+        return self.kernel.decode(y, self.encoder if self.tied else self.decoder, self.stride, self.in_hw)
 
     def extra_repr(self):
         return (f"in={self.in_channels}x{self.in_hw[0]}x{self.in_hw[1]}, field={self.field}, stride={self.stride}, "
@@ -108,7 +110,7 @@ class Stage(nn.Module):
         c, h, w = shape.input
         self.sigmoid = model_cfg.kind == "sigmoid_ae"
         self.filter = LocallyConnected(c, (h, w), stage_cfg.receptive_field, stage_cfg.stride, stage_cfg.maps,
-                                       model_cfg.kernel, generator, device)
+                                       model_cfg.kernel, generator, device, tied=model_cfg.tied)
         self.pool_size, self.pool_stride, self.eps = stage_cfg.pool_size, stage_cfg.pool_stride, model_cfg.pool_eps
         self.sparsity = model_cfg.sparsity
         self.lcn = None
@@ -155,6 +157,11 @@ class Network(nn.Module):
         self.shapes = stage_shapes(model_cfg)
         self.stages = nn.ModuleList(Stage(sh, sc, model_cfg, generator, device)
                                     for sh, sc in zip(self.shapes, model_cfg.stages))
+        self.input_lcn = None
+        if model_cfg.input_norm == "lcn":
+            c, h, w = self.shapes[0].input
+            s0 = model_cfg.stages[0]
+            self.input_lcn = LocalContrastNorm(c, (h, w), s0.lcn_size, s0.lcn_sigma, model_cfg.lcn_c)
 
     @property
     def input_shape(self):
@@ -180,9 +187,11 @@ class Network(nn.Module):
         x = images.to(self.stages[0].filter.encoder.dtype)
         if images.dtype == torch.uint8:
             x = x / 255.0
-        if self.cfg.input_norm == "standardize":
+        if self.cfg.input_norm in ("standardize", "lcn"):
             flat = x.flatten(1)
             x = ((flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + 1e-3)).view_as(x)
+        if self.input_lcn is not None:
+            x = self.input_lcn(x)
         return x
 
     def forward(self, x, objective=True, upto: int | None = None) -> NetworkOutput:
@@ -198,6 +207,36 @@ class Network(nn.Module):
         if objective:
             out.loss = sum(t["reconstruction"] + t["sparsity"] for t in out.terms)
         return out
+
+    @torch.no_grad()
+    def project_norms(self, which: str) -> None:
+        """Scale every unit's `which` ("encoder" or "decoder") vector to unit L2 norm; "none" does nothing."""
+        if which == "none":
+            return
+        for stage in self.stages:
+            w = getattr(stage.filter, which)  # (Ho, Wo, M, C, k, k): one vector of C*k*k per unit
+            w.div_(w.flatten(3).norm(dim=-1).clamp_min(1e-12)[..., None, None, None])
+
+    @torch.no_grad()
+    def diagnostics(self, out: NetworkOutput) -> list[dict[str, float]]:
+        """Per stage: median encoder and decoder vector norms and the fraction of dead units.
+
+        A pooling unit is dead when, on every image of the batch, it stays below 2 sqrt(eps): its
+        filters answer nothing beyond the eps floor. (Sigmoid stages: a filter unit whose response
+        varies by less than 1e-3 over the batch.)
+        """
+        rows = []
+        for stage, acts in zip(self.stages, out.stages):
+            f = stage.filter
+            row = {"encoder_norm": float(f.encoder.flatten(3).norm(dim=-1).median()),
+                   "decoder_norm": float(f.decoder.flatten(3).norm(dim=-1).median())}
+            if "pool" in acts:
+                peak = acts["pool"].detach().amax(0)
+                row["dead_fraction"] = float((peak < 2 * math.sqrt(stage.eps)).float().mean())
+            else:
+                row["dead_fraction"] = float((acts["filter"].detach().std(0) < 1e-3).float().mean())
+            rows.append(row)
+        return rows
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -172,6 +172,38 @@ def training_curves(records: list[dict]) -> bytes | None:
     return figure_png(fig)
 
 
+def health_curves(records: list[dict]) -> bytes | None:
+    """Per stage: median encoder and decoder norms, and the dead-unit fraction, against images seen."""
+    recs = [r for r in records if r.get("stages") and "encoder_norm" in r["stages"][0]]
+    if not recs:
+        return None
+    plt = pyplot()
+    x = [r.get("images", r["step"]) for r in recs]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    for s in range(len(recs[0]["stages"])):
+        for ax, key in zip(axes, ("encoder_norm", "decoder_norm", "dead_fraction")):
+            ax.plot(x, [r["stages"][s][key] for r in recs], label=f"stage {s}")
+    for ax, title in zip(axes, ("median encoder vector norm", "median decoder vector norm", "dead pooling units")):
+        ax.set_title(title)
+        ax.set_xlabel("images seen")
+        ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
+def section_filters(run_dir: Path) -> str:
+    """Stage 0's encoder and decoder filters, drawn from the latest checkpoint."""
+    import io
+    from PIL import Image
+    from .checkpoint import load_run
+    from .visualize import first_stage_filters
+    _, net, _ = load_run(run_dir)
+    buf = io.BytesIO()
+    Image.fromarray(first_stage_filters(net)).save(buf, format="PNG")
+    return ("<h3>First-stage filters</h3><p class=\"note\">Five locations (centre, then the four quadrants' "
+            "centres); per location one row of encoder vectors (gray frames) and one of decoder vectors (black "
+            "frames), one column per map, each filter scaled to its own range.</p>" + png_tag(buf.getvalue(), "first-stage filters"))
+
+
 def fmt(v: float | None) -> str:
     return "&mdash;" if v is None else f"{v:.1f}"
 
@@ -244,6 +276,12 @@ def section_training(run_dir: Path, records: list[dict]) -> tuple[str, dict]:
              f'scale only.</p>', kv_table(pairs)]
     png = training_curves(records)
     parts.append(png_tag(png, "training curves") if png else "<p>(no metrics.jsonl lines)</p>")
+    png = health_curves(records)
+    if png:
+        parts.append(f'<p class="note">Training health (train.norm_control={cfg.train.norm_control}): median '
+                     f'encoder and decoder vector norms per stage, and the fraction of dead pooling units.</p>')
+        parts.append(png_tag(png, "training health"))
+    parts.append(section_filters(run_dir))
     parts.append(f"<details><summary>config.yaml</summary><pre>{html.escape(cfg_path.read_text())}</pre></details>")
     return "\n".join(parts), scale
 

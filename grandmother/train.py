@@ -73,6 +73,7 @@ def train(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, pro
 
     # ============ model and optimizer ============
     net = build_network(cfg, device)
+    net.project_norms(cfg.train.norm_control)
     net.train()
     opt = build_optimizer(net.parameters(), cfg.train)
     start_step, images_seen = 0, 0
@@ -112,12 +113,14 @@ def train(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, pro
                                workers=cfg.train.num_workers, pin_memory=device.type == "cuda")
         for step, batch in zip(range(start_step, steps), batches):
             batch = batch.to(device, non_blocking=True)
-            loss, terms = loss_and_terms(net, batch)
+            out = net(net.prepare(batch), objective=True)
+            loss, terms = out.loss, out.terms
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
             opt.step()
+            net.project_norms(cfg.train.norm_control)
             images_seen += batch.shape[0]
             done = completed = step + 1
             if done % cfg.train.log_every == 0 or done == steps:
@@ -126,8 +129,8 @@ def train(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, pro
                     raise GrandmotherError(f"the loss became {loss_value} at step {done}; lower --lr "
                                            f"(now {cfg.train.lr}) and resume from the last checkpoint")
                 now = time.perf_counter()
-                record = {"step": done, "images": images_seen, "loss": loss_value,
-                          "stages": terms_to_floats(terms),
+                stages = [{**t, **d} for t, d in zip(terms_to_floats(terms), net.diagnostics(out))]
+                record = {"step": done, "images": images_seen, "loss": loss_value, "stages": stages,
                           "images_per_s": (images_seen - last_log_images) / max(now - last_log_t, 1e-9),
                           "lr": cfg.train.lr, "elapsed_s": now - t0}
                 append_jsonl(metrics_path, record)

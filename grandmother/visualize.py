@@ -246,6 +246,27 @@ def stimulus_picture(x: np.ndarray, min_px: int = 192) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize(size, Image.NEAREST))
 
 
+def first_stage_filters(net, tile: int = 40) -> np.ndarray:
+    """RGB picture of stage 0's filters at 5 locations (centre, then the quadrants' centres).
+
+    Row pairs per location: the encoder vectors (W1 rows) of every map, then the decoder vectors (W2
+    columns); each filter min-max scaled on its own, gray frame = encoder, black frame = decoder.
+    """
+    f = net.stages[0].filter
+    ho, wo = f.out_hw
+    spots = [(ho // 2, wo // 2), (ho // 4, wo // 4), (ho // 4, 3 * wo // 4), (3 * ho // 4, wo // 4),
+             (3 * ho // 4, 3 * wo // 4)]
+    tiles, frames = [], []
+    for i, j in spots:
+        for name, colour in (("encoder", (160, 160, 160)), ("decoder", (0, 0, 0))):
+            w = getattr(f, name)[i, j].detach().float().cpu().numpy()  # (M, C, k, k)
+            lo = w.min(axis=(1, 2, 3), keepdims=True)
+            hi = w.max(axis=(1, 2, 3), keepdims=True)
+            tiles.append(((w - lo) / np.maximum(hi - lo, 1e-12) * 255).round().astype(np.uint8))
+            frames += [colour] * len(w)
+    return image_grid(np.concatenate(tiles), frames, cols=f.maps, tile=tile)
+
+
 # ---------------------------------------------------------------- the command
 
 def unit_from_probe(probe_dir: Path) -> tuple[str, float | None, str | None]:

@@ -340,3 +340,36 @@ def test_audit_lfw_far_above_caltech_objects_and_filter(shared_data, tmp_path):
     assert all(count_faces(det, img) == 0 for img in all_images(kept))
     removed = json.loads((tmp_path / "lfw_nofaces" / "index.json").read_text())["filter"]["removed_items"]
     assert len(removed) == report["removed"]
+
+
+def test_no_test_image_or_test_person_enters_training(tmp_path):
+    """The experiments' data recipe (testset, then ingest --exclude) leaves every test file, every file
+    of every test person and every test image's pixels out of training; find_leaks sees each kind."""
+    import shutil
+    from grandmother.leakage import find_leaks
+    from grandmother.testset import build_testset
+    rng = np.random.default_rng(9)
+    fake_people(tmp_path / "src" / "lfw", rng, {f"p{i:02d}": int(n) for i, n in enumerate(rng.integers(1, 6, 12))})
+    (tmp_path / "src" / "objects").mkdir()
+    for i in range(40):
+        random_image(rng, (48, 48)).save(tmp_path / "src" / "objects" / f"o{i:03d}.jpg")
+    src, t = tmp_path / "src", tmp_path / "t"
+    build_testset([str(src / "lfw")], [str(src / "objects")], t, size=32, color="gray", count=30, seed=1,
+                  workers=1, progress=False)
+    ingest([str(src)], tmp_path / "clean", size=32, color="gray", exclude=str(t / "excluded.txt"), workers=1,
+           progress=False)
+    assert find_leaks(t, tmp_path / "clean") == {"files": [], "persons": [], "pixels": []}
+    # without the exclusion every kind of leak is found
+    ingest([str(src)], tmp_path / "leaky", size=32, color="gray", workers=1, progress=False)
+    leaks = find_leaks(t, tmp_path / "leaky")
+    assert len(leaks["files"]) == len((t / "excluded.txt").read_text().split())
+    assert leaks["persons"] and all("/lfw/" in p for p in leaks["persons"])
+    assert len(leaks["pixels"]) == 30
+    # a test image copied under another name, in a folder that is no test person's, is caught by its pixels
+    test_file = next(p for p in (t / "excluded.txt").read_text().split() if "/objects/" in p)
+    (src / "copies").mkdir()
+    shutil.copy(test_file, src / "copies" / "renamed.jpg")
+    ingest([str(src)], tmp_path / "copied", size=32, color="gray", exclude=str(t / "excluded.txt"), workers=1,
+           progress=False)
+    leaks = find_leaks(t, tmp_path / "copied")
+    assert not leaks["files"] and not leaks["persons"] and [Path(p).name for p in leaks["pixels"]] == ["renamed.jpg"]

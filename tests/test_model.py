@@ -467,3 +467,23 @@ def test_sigmoid_autoencoder_objective():
         assert float(out.terms[s]["reconstruction"]) == pytest.approx(float(expected), rel=1e-10)
         assert float(out.terms[s]["sparsity"]) == 0.0
         stage_in = out.stages[s]["filter"].detach()
+
+
+def test_tied_weights_decode_with_the_encoder_and_input_lcn_whitens_locally():
+    x = torch.randn(3, 1, 12, 12, dtype=torch.float64)
+    (_, tied), (_, untied) = tiny_net(tied=True), tiny_net()
+    untied.load_state_dict(tied.state_dict())
+    loss = tied(x).loss
+    with torch.no_grad():
+        for net in (tied, untied):
+            for st in net.stages:
+                st.filter.decoder.mul_(3.0)  # the tied network never reads its decoder tensor
+    assert torch.equal(tied(x).loss, loss) and not torch.allclose(untied(x).loss, loss)
+    f = tied.stages[0].filter
+    y = f.encode(x)
+    torch.testing.assert_close(f.decode(y), get_kernel("reference", x.device).decode(y, f.encoder, f.stride, f.in_hw))
+    cfg, lcn = tiny_net(input_norm="lcn")
+    (_, plain), s0 = tiny_net(), cfg.model.stages[0]
+    img = torch.randint(0, 255, (2, 1, 12, 12), dtype=torch.uint8)
+    ref = LocalContrastNorm(1, (12, 12), s0.lcn_size, s0.lcn_sigma, cfg.model.lcn_c).double()
+    torch.testing.assert_close(lcn.prepare(img), ref(plain.prepare(img)))

@@ -207,3 +207,43 @@ def test_background_loader_workers_give_the_same_run(tmp_path):
     b, _, _ = load_checkpoint(latest_checkpoint(tmp_path / "w2"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_norm_projection_keeps_unit_norms_through_training(tmp_path):
+    data = make_images(tmp_path / "imgs", n=24, size=16)
+    sets = TINY + ["train.optimizer=adam", "train.lr=0.05", "train.steps=8"]
+    for which in ("none", "decoder", "encoder"):
+        train(load_config("small", sets + [f"train.norm_control={which}"]), data, tmp_path / which, progress=False)
+    free, _, _ = load_checkpoint(latest_checkpoint(tmp_path / "none"))
+    for which, other in (("decoder", "encoder"), ("encoder", "decoder")):
+        tensors, _, _ = load_checkpoint(latest_checkpoint(tmp_path / which))
+        for s in range(3):  # after 8 steps every unit's vector has norm 1 (and each step's median, below)
+            norms = tensors[f"stages.{s}.filter.{which}"].flatten(3).norm(dim=-1)
+            torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
+            # the other side is free: it is not held at 1
+            assert tensors[f"stages.{s}.filter.{other}"].flatten(3).norm(dim=-1).std() > 1e-3
+        # without the projection the same vectors move away from 1 (so this test can fail)
+        assert (free[f"stages.0.filter.{which}"].flatten(3).norm(dim=-1) - 1).abs().max() > 1e-2
+        lines = [json.loads(l) for l in (tmp_path / which / "metrics.jsonl").read_text().splitlines()]
+        assert len(lines) == 8
+        for line in lines:  # per-stage diagnostics, logged each step
+            for st in line["stages"]:
+                assert abs(st[f"{which}_norm"] - 1) < 1e-5 and 0 <= st["dead_fraction"] <= 1
+                assert {"reconstruction", "sparsity", "encoder_norm", "decoder_norm"} <= set(st)
+
+
+def test_dead_fraction_counts_units_at_the_eps_floor():
+    from grandmother.model import Network
+    cfg = load_config("small", TINY)
+    net = Network(cfg.model, generator=torch.Generator().manual_seed(0))
+    x = net.prepare(torch.randint(0, 255, (4, 1, 16, 16), dtype=torch.uint8))
+    assert all(d["dead_fraction"] == 0 for d in net.diagnostics(net(x)))
+    with torch.no_grad():
+        net.stages[1].filter.encoder[:, :, 0].zero_()  # map 0 of stage 1 answers nothing
+    d = net.diagnostics(net(x))
+    assert d[0]["dead_fraction"] == 0 and d[1]["dead_fraction"] == 0.5 and d[1]["decoder_norm"] > 0
+
+
+def test_norm_control_is_refused_with_downpour():
+    with pytest.raises(GrandmotherError, match="train.norm_control=none"):
+        load_config("small", ["engine=downpour", "train.norm_control=decoder"])

@@ -245,7 +245,8 @@ def test_report_is_one_html_file_with_table1_and_inlined_figures(tmp_path):
     assert "<th>faces</th><td>64.8</td><td>66.1</td><td>70.1</td><td><b>73.5</b></td><td><b>73.5</b></td>" in page
     assert "cats" not in page.split("The paper")[0]
     assert "81.7" in page  # the paper's numbers beside ours
-    assert page.count("data:image/png;base64,") == 4  # training curves + 3 figures
+    assert page.count("data:image/png;base64,") == 5  # training curves + first-stage filters + 3 figures
+    assert "First-stage filters" in page
     assert "grandmother probe RUN --testset T --out P" in page and "grandmother report RUN" in page
     assert "5 steps" in page and "40 images seen" in page
     assert "src=\"http" not in page and "src='http" not in page  # self-contained
@@ -253,6 +254,16 @@ def test_report_is_one_html_file_with_table1_and_inlined_figures(tmp_path):
         (tmp_path / "bare").mkdir()
         save_config(cfg, tmp_path / "bare" / "config.yaml")
         build_report(tmp_path / "bare", tmp_path / "r.html")
+
+
+def test_first_stage_filter_picture_shows_encoder_and_decoder_rows():
+    cfg = one_stage_config(size=16, channels=1, field=5, maps=3)
+    net = Network(cfg.model)
+    from grandmother.visualize import first_stage_filters
+    pic = first_stage_filters(net, tile=10)
+    cell = 10 + 2 * 3 + 2  # tile, border, gap of image_grid
+    assert pic.shape == (10 * cell + 2, 3 * cell + 2, 3)  # 5 locations x (encoder, decoder) rows, 3 maps
+    assert tuple(pic[2, 2]) == (160, 160, 160) and tuple(pic[2 + cell, 2]) == (0, 0, 0)  # frames: encoder, decoder
 
 
 def test_table1_bolds_the_winner_even_when_it_is_a_baseline():

@@ -1,0 +1,153 @@
+"""Run one experiment of the table in docs/experiments.md: train, then score on held-out test sets.
+
+    .venv/bin/python experiments/run.py NAME [--concepts faces cats bodies] [--retrain]
+    .venv/bin/python experiments/run.py --list
+
+Needs the data sets of `bash experiments/data.sh`. Every recipe (experiments/recipes.py) is seeded
+(train.seed=0; test-set split seed 0; random-weights seeds 0-4), trains into runs/exp/NAME (kept: a
+second call only re-scores) and writes its row to experiments/results/NAME.json.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import evaluate as ev  # noqa: E402
+from recipes import RECIPES, config_for  # noqa: E402
+
+DATA = ROOT / "runs" / "data"
+RUNS = ROOT / "runs" / "exp"
+RESULTS = ROOT / "experiments" / "results"
+RANDOM_SEEDS = range(5)
+
+
+def _network(cfg, tensors=None):
+    from grandmother.train import build_network
+    net = build_network(cfg, __import__("torch").device("cpu"))
+    if tensors is not None:
+        net.load_state_dict(tensors)
+    return net
+
+
+def _score_network(units: dict, labels, sel) -> dict:
+    """Per stage and over all stages: best unit's evaluation accuracy (chosen on selection) and AUCs."""
+    stages = sorted({s for s, _ in units})
+    out = {"stages": []}
+    for s in stages:
+        acts = np.concatenate([units[k] for k in sorted(units) if k[0] == s], 1)
+        out["stages"].append({"stage": s, **ev.score_matrix(acts, labels, sel), "auc": ev.auc_summary(acts, labels, sel)})
+    best = max(out["stages"], key=lambda r: r["selection_accuracy"])  # chosen on selection, not evaluation
+    out["best"] = {k: best[k] for k in ("stage", "unit", "direction", "selection_accuracy", "evaluation_accuracy", "ci95")}
+    return out
+
+
+def _random_baseline(cfg, images, labels, sel, concept) -> dict:
+    """The same architecture at 5 seeded initialisations; cached per architecture and test set."""
+    model = {k: v for k, v in cfg.to_dict()["model"].items() if k not in ("sparsity", "tied", "stage_gradients", "kernel")}
+    key = hashlib.sha1(json.dumps([model, concept], sort_keys=True).encode()).hexdigest()[:12]
+    cache = RUNS / "_random" / f"{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    seeds = []
+    for seed in RANDOM_SEEDS:
+        cfg.train.seed = seed
+        seeds.append(_score_network(ev.network_units(_network(cfg), images), labels, sel))
+    cfg.train.seed = 0
+    res = {"seeds": seeds}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(res))
+    return res
+
+
+def _baselines(cfg, images, labels, sel, concept) -> dict:
+    """Trivial cues, and 10,000 linear filters drawn from the main training set (the same for every row)."""
+    cache = RUNS / "_baselines" / f"{concept}_{cfg.model.input_norm}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from grandmother.dataset import open_dataset
+    cues = {name: ev.score_matrix(v[:, None], labels, sel) for name, v in ev.trivial_cues(images).items()}
+    lin = ev.score_matrix(ev.linear_filters(_network(cfg), images, open_dataset(DATA / "train")), labels, sel)
+    res = {"trivial": cues, "linear_filter_10000": lin}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(res))
+    return res
+
+
+def score(name: str, cfg, run_dir: Path, concept: str) -> dict:
+    from grandmother.checkpoint import latest_checkpoint, load_checkpoint
+    images, labels, groups = ev.load_test(DATA / f"test_{concept}")
+    sel = ev.split_halves(labels, groups, seed=0)
+    tensors, _, _ = load_checkpoint(latest_checkpoint(run_dir))
+    trained = _score_network(ev.network_units(_network(cfg, tensors), images), labels, sel)
+    random = _random_baseline(cfg, images, labels, sel, concept)
+    return {"test": f"test_{concept}", "images": int(len(labels)), "positives": int(labels.sum()),
+            "selection_images": int(sel.sum()), "evaluation_images": int((~sel).sum()),
+            "chance_evaluation": float(max(labels[~sel].mean(), 1 - labels[~sel].mean())),
+            "trained": trained, "random": random, **_baselines(cfg, images, labels, sel, concept)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", nargs="?")
+    ap.add_argument("--concepts", nargs="+", default=["faces"])
+    ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--train-only", action="store_true", help="train (if not trained yet), do not score")
+    ap.add_argument("--images", type=int, help="override the recipe's images seen (smoke tests; row not kept)")
+    args = ap.parse_args(argv)
+    if args.list or not args.name:
+        for n, r in RECIPES.items():
+            print(f"{n:28s} {r['what']}")
+        return
+    from grandmother.checkpoint import latest_checkpoint
+    from grandmother.train import train
+    import torch
+    torch.set_num_threads(1)  # on a loaded 2-core machine one thread was 5x faster than two (89 vs 16 img/s)
+    recipe = RECIPES[args.name]
+    cfg = config_for(args.name, args.images)
+    run_dir = RUNS / (args.name + ("_smoke" if args.images else ""))
+    train_path = DATA / recipe.get("data", "train")
+    timing_file = run_dir / "timing.json"
+    if args.retrain or latest_checkpoint(run_dir) is None or not timing_file.is_file():
+        if run_dir.exists():
+            import shutil
+            shutil.rmtree(run_dir)
+        t0 = time.time()
+        summary = train(cfg, train_path, run_dir, progress=False)
+        timing_file.write_text(json.dumps({"wall_s": time.time() - t0, "images_seen": summary["images_seen"]}))
+    if args.train_only:
+        return
+    timing = json.loads(timing_file.read_text())
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    row = {"name": args.name, "order": list(RECIPES).index(args.name), "what": recipe["what"], "sets": recipe["sets"], "data": recipe.get("data", "train"),
+           "images_seen": timing["images_seen"], "train_wall_s": round(timing["wall_s"], 1),
+           "final_metrics": last, "scores": {}}
+    t0 = time.time()
+    for concept in args.concepts:
+        row["scores"][concept] = score(args.name, cfg, run_dir, concept)
+    row["score_wall_s"] = round(time.time() - t0, 1)
+    if not args.images:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(row, indent=1))
+    f = row["scores"]["faces"] if "faces" in row["scores"] else next(iter(row["scores"].values()))
+    rnd = max(s["best"]["evaluation_accuracy"] for s in f["random"]["seeds"])
+    top = f["trained"]["stages"][-1]
+    top_r = max(s["stages"][-1]["evaluation_accuracy"] for s in f["random"]["seeds"])
+    print(f"{args.name}: {timing['images_seen']} images in {timing['wall_s']:.0f} s; best unit "
+          f"{f['trained']['best']['evaluation_accuracy']:.3f} (stage {f['trained']['best']['stage']}) vs random "
+          f"{rnd:.3f}; top stage {top['evaluation_accuracy']:.3f} vs random {top_r:.3f}; "
+          f"AUC/stage " + " ".join(f"{s['auc']['evaluation_auc']:.2f}" for s in f["trained"]["stages"]))
+
+
+if __name__ == "__main__":
+    main()

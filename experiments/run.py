@@ -32,7 +32,7 @@ RANDOM_SEEDS = range(5)
 
 
 def _network(cfg, tensors=None):
-    from grandmother.train import build_network
+    from grandmother.model import build_network
     net = build_network(cfg, __import__("torch").device("cpu"))
     if tensors is not None:
         net.load_state_dict(tensors)

@@ -1,4 +1,4 @@
-# Quick start:  make demo   (creates .venv, installs, trains the small preset on the in-package sample)
+# Quick start:  make demo   (creates .venv, installs, runs `grandmother run` on the in-package sample)
 #               make test   (creates .venv, installs, runs the test suite)
 # TORCH picks the PyTorch wheel: the default is the CPU build; `make demo TORCH=torch` takes a CUDA build.
 PYTHON ?= python3
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m grandmother demo --out demo_out
+	RAY_AUTH_MODE=disabled $(BIN)/python -m grandmother run grandmother/sample/train --out demo_out
 
 test: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -ra

@@ -8,7 +8,7 @@ Where the results come from: the folders given with --probe / --visualize / --in
 beside it (in RUN_DIR's parent) holding probe.json, visualize.json, invariance.json or classify.json
 whose recorded "run_dir" (probe.json: "run") is RUN_DIR (files that record no run_dir are taken too). Discovery is per
 kind: `--probe P` alone still discovers the visualize, invariance and classify folders. That is the layout
-`grandmother demo` writes: OUT/run, OUT/probe_faces, OUT/visualize, OUT/invariance, OUT/report.html.
+`grandmother run` writes: OUT/run, OUT/probe_NAME, OUT/visualize_NAME, OUT/invariance_NAME, OUT/report.html.
 
 Images are inlined as base64 PNG (data: URLs), so the one file can be mailed or opened anywhere.
 """

@@ -14,11 +14,12 @@ import os
 import sys
 
 from ..errors import GrandmotherError
-from . import analysis, bench, classify, data, model
+from . import analysis, bench, classify, data, model, run
 
 # In the order `grandmother --help` lists them.
 GROUPS = [
-    model,  # model-info, train, demo
+    run,  # run (the whole job, resumable)
+    model,  # model-info, train
     data,  # ingest, audit, filter-faces, testset
     classify,  # classify
     analysis,  # probe, visualize, invariance, report

@@ -1,4 +1,4 @@
-"""Subcommands: model-info, train, demo."""
+"""Subcommands: model-info, train."""
 from __future__ import annotations
 
 import json
@@ -47,13 +47,6 @@ def cmd_train(args):
           f"final loss {final.get('loss', float('nan')):.4g}; run directory {summary['run_dir']}")
 
 
-# ---------------------------------------------------------------- demo
-
-def cmd_demo(args):
-    from ..demo import run_demo
-    run_demo(Path(args.out), steps=args.steps)
-
-
 def register(sub):
     p = sub.add_parser("model-info", help="shapes, parameter counts and FLOPs of a preset (no memory needed)")
     add_config_arguments(p, "paper")
@@ -87,8 +80,3 @@ def register(sub):
     g.add_argument("--replica-cpus", type=float)
     g.add_argument("--replica-gpus", type=float)
     p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("demo", help="the whole job on the in-package sample (what `make demo` runs)")
-    p.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the small preset's)")
-    p.set_defaults(func=cmd_demo)

@@ -143,6 +143,24 @@ class Stage(nn.Module):
         return acts, out, terms
 
 
+def prepare_images(images: torch.Tensor, input_shape, input_norm: str, dtype, input_lcn=None) -> torch.Tensor:
+    """Network.prepare for a given (channels, height, width) input shape (also used by grandmother/parallel);
+    `input_lcn`: the LocalContrastNorm that input_norm "lcn" applies after standardizing."""
+    c, h, w = input_shape
+    if images.dim() != 4 or tuple(images.shape[1:]) != (c, h, w):
+        raise ValueError(f"images of shape {tuple(images.shape[1:])} do not fit the network's input "
+                         f"{c}x{h}x{w} (channels x height x width)")
+    x = images.to(dtype)
+    if images.dtype == torch.uint8:
+        x = x / 255.0
+    if input_norm in ("standardize", "lcn"):
+        flat = x.flatten(1)
+        x = ((flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + 1e-3)).view_as(x)
+    if input_lcn is not None:
+        x = input_lcn(x)
+    return x
+
+
 @dataclass
 class NetworkOutput:
     stages: list[dict[str, torch.Tensor]]
@@ -180,19 +198,8 @@ class Network(nn.Module):
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) images or floats in [0, 1] -> the network's input (per-image standardized)."""
-        c, h, w = self.input_shape
-        if images.dim() != 4 or tuple(images.shape[1:]) != (c, h, w):
-            raise ValueError(f"images of shape {tuple(images.shape[1:])} do not fit the network's input "
-                             f"{c}x{h}x{w} (channels x height x width)")
-        x = images.to(self.stages[0].filter.encoder.dtype)
-        if images.dtype == torch.uint8:
-            x = x / 255.0
-        if self.cfg.input_norm in ("standardize", "lcn"):
-            flat = x.flatten(1)
-            x = ((flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + 1e-3)).view_as(x)
-        if self.input_lcn is not None:
-            x = self.input_lcn(x)
-        return x
+        return prepare_images(images, self.input_shape, self.cfg.input_norm, self.stages[0].filter.encoder.dtype,
+                              self.input_lcn)
 
     def forward(self, x, objective=True, upto: int | None = None) -> NetworkOutput:
         """Run the stages (all, or the first `upto`); with objective=True also the summed training loss."""

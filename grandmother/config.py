@@ -90,6 +90,9 @@ class TrainConfig:
     # "encoder") vector is projected back to unit L2 norm, as sparse coding does with its dictionary.
     # "none" is the paper's text. Default per preset (docs/experiments.md).
     norm_control: str = "none"
+    # Spatial model parallelism (grandmother/parallel): "" = one process; "RxC" splits one replica over an
+    # R x C grid of worker processes (`--model-parallel P` is "Px1"); "RxC:w1,..:v1,.." gives unequal blocks.
+    partition: str = ""
 
 
 @dataclass
@@ -220,6 +223,9 @@ def validate(cfg: Config) -> None:
     if cfg.engine == "downpour" and t.norm_control != "none":
         raise ConfigError(f"train.norm_control={t.norm_control}: the Downpour engine does not project norms (its "
                           f"shards hold flat slices); use --set train.norm_control=none with --engine downpour")
+    if t.partition:
+        from .parallel.partition import Partition, plan_stages
+        plan_stages(m, Partition.parse(t.partition))
     d = cfg.downpour
     if d.fetch_every < 1 or d.push_every < 1:
         raise ConfigError(f"--fetch-every and --push-every must be >= 1 (got P={d.fetch_every}, G={d.push_every})")

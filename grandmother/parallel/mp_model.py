@@ -55,6 +55,8 @@ class LocalStage(nn.Module):
         self.sigmoid = not plan.pooled
         self.eps, self.sparsity = model_cfg.pool_eps, model_cfg.sparsity
         self.ex_input = exchange(plan.input_own, plan.input_need, rank, f"stage{i}.input")
+        # The same rectangles, used backwards: partial reconstructions summed at the pixels' owners.
+        self.ex_rec = exchange(plan.input_own, plan.input_need, rank, f"stage{i}.reconstruction")
         if plan.pooled:
             self.ex_filter = exchange(plan.filter_own, plan.filter_need, rank, f"stage{i}.filter")
         self.lcn_c = None
@@ -103,7 +105,7 @@ class LocalStage(nn.Module):
             h = torch.sigmoid(y)
             terms = None
             if objective:
-                rec = scatter_add(kern.decode(h, self.filter.decoder, s, (need.h, need.w)), self.ex_input, self.group)
+                rec = scatter_add(kern.decode(h, self.filter.decoder, s, (need.h, need.w)), self.ex_rec, self.group)
                 terms = {"reconstruction": ((rec - x_own) ** 2).sum() / batch, "sparsity": x_own.new_zeros(())}
             return {"filter": h}, h, terms
         p = l2_pool(gather(y, self.ex_filter, self.group), self.plan.pool_size, self.plan.pool_stride, self.eps)
@@ -112,7 +114,7 @@ class LocalStage(nn.Module):
             out = acts["lcn"] = self._lcn(p)
         terms = None
         if objective:
-            rec = scatter_add(kern.decode(y, self.filter.decoder, s, (need.h, need.w)), self.ex_input, self.group)
+            rec = scatter_add(kern.decode(y, self.filter.decoder, s, (need.h, need.w)), self.ex_rec, self.group)
             terms = {"reconstruction": ((rec - x_own) ** 2).sum() / batch,
                      "sparsity": self.sparsity * p.sum() / batch}
         return acts, out, terms

@@ -1,0 +1,211 @@
+"""Single-node model-parallel training: one replica spread over P processes on this machine.
+
+    grandmother train --preset small --data DIR --out RUN --model-parallel 2      # 2 row blocks
+    grandmother train ... --partition 2x2                                          # a 2 x 2 grid
+
+The parent process does what `train.train` does before training (checks, data, run directory), then
+starts P workers (torch.multiprocessing, one process group over 127.0.0.1: gloo on CPU, NCCL with one
+GPU per worker on CUDA). Every step, worker 0 reads the batch and broadcasts it; each worker runs its
+share of the network (mp_model.py) and steps the optimizer on its own parameter slices (SGD, Adagrad
+and Adam are elementwise, so this is the single-process update; gradient clipping uses the norm over
+all workers). Worker 0 writes metrics.jsonl and the checkpoints.
+
+Checkpoints keep the standard layout: the workers' slices of every parameter and of every optimizer
+state are assembled on worker 0, so model.safetensors and train_state.pt are exactly those of a
+single-process run (meta.json adds "model_parallel": the partition). `probe`, `report`, `load_run` read
+them as any other, and a run resumes with any P, or without model parallelism, and back.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, model_signature, read_meta, rng_state,
+                          save_checkpoint)
+from ..config import Config, save_config
+from ..data import open_training_data
+from ..errors import GrandmotherError
+from ..io import append_jsonl, atomic_write_json, truncate_jsonl
+from ..train import BatchOrder, build_network, build_optimizer, resolve_device
+from .launch import spawn
+from .mp_model import ModelParallelNetwork, clip_grad_norm_, gather_full, reduce_terms
+from .partition import Partition, plan_stages
+
+
+# ---------------------------------------------------------------- optimizer states, slice by slice
+
+def _state_tensors(state: dict, names: list[str]):
+    """(key, parameter name, state name) of every per-element optimizer state tensor."""
+    for idx, st in state["state"].items():
+        name = names[int(idx)]
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() >= 2:  # per-element state ("sum", "exp_avg", ...), not "step"
+                yield idx, name, k
+
+
+def slice_optimizer_state(state: dict, net: ModelParallelNetwork) -> dict:
+    """A full (single-process) optimizer state_dict -> this worker's, cut like its parameters."""
+    names = [n for n, _ in net.named_parameters()]
+    out = copy.deepcopy({"state": {}, "param_groups": state["param_groups"]})
+    for idx, st in state["state"].items():
+        out["state"][idx] = dict(st)
+    for idx, name, k in _state_tensors(state, names):
+        out["state"][idx][k] = net.slice_full(name, state["state"][idx][k]).clone()
+    return out
+
+
+def gather_checkpoint(net: ModelParallelNetwork, opt, full_shapes: dict, dst: int = 0):
+    """(full parameters, full optimizer state_dict) on worker `dst`; (None, None) on the others."""
+    names = [n for n, _ in net.named_parameters()]
+    sd = opt.state_dict()  # its per-parameter dicts are the optimizer's own: copy before replacing entries
+    sd = {"state": {idx: dict(st) for idx, st in sd["state"].items()}, "param_groups": sd["param_groups"]}
+    local = {name: p.detach() for name, p in net.named_parameters()}
+    shapes = dict(full_shapes)
+    for idx, name, k in _state_tensors(sd, names):
+        local[f"{name}|{k}"] = sd["state"][idx][k]
+        shapes[f"{name}|{k}"] = full_shapes[name]
+    full = gather_full(net, local, shapes, dst, net.group)
+    if full is None:
+        return None, None
+    for idx, name, k in _state_tensors(sd, names):
+        sd["state"][idx][k] = full.pop(f"{name}|{k}").cpu()
+    return {n: t.cpu() for n, t in full.items()}, sd
+
+
+# ---------------------------------------------------------------- one worker
+
+def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str, data_path: str,
+            ckpt: str | None, progress: bool):
+    partition = Partition.parse(partition_text)
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    net = ModelParallelNetwork(cfg.model, partition, rank, device=device)
+    full = build_network(cfg, torch.device("cpu"))  # the seeded initialisation of train(); take our slices
+    full_shapes = {n: tuple(p.shape) for n, p in full.named_parameters()}
+    net.load_full(full.state_dict())
+    del full
+    net.train()
+    opt = build_optimizer(net.parameters(), cfg.train)
+    start_step, images_seen = 0, 0
+    if ckpt is not None:
+        tensors, state, meta = load_checkpoint(Path(ckpt))
+        net.load_full(tensors)
+        opt.load_state_dict(slice_optimizer_state(state["optimizer"], net))
+        start_step, images_seen = meta["step"], meta["images_seen"]
+        del tensors, state
+
+    def checkpoint(step):
+        tensors, opt_state = gather_checkpoint(net, opt, full_shapes)
+        if rank == 0:
+            meta = {"images_seen": images_seen, "model_signature": model_signature(cfg), "engine": "local",
+                    "model_parallel": str(partition), "data": data_path, "dataset_size": len(dataset)}
+            save_checkpoint(out_dir, step, tensors, {"optimizer": opt_state, "rng": rng_state()}, meta)
+
+    t = cfg.train
+    c, h, w = net.input_shape
+    order = BatchOrder(len(dataset), t.batch_size, t.seed)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=t.steps, initial=start_step, desc=f"train {partition}", unit="step", disable=None,
+                   dynamic_ncols=True)
+    last_t, last_images, t0 = time.perf_counter(), images_seen, time.perf_counter()
+    for step in range(start_step, t.steps):
+        if rank == 0:
+            batch = dataset.get_batch(order.indices(step)).to(device)
+        else:
+            batch = torch.empty((t.batch_size, c, h, w), dtype=torch.uint8, device=device)
+        dist.broadcast(batch, 0)
+        out = net(net.prepare(batch))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if t.grad_clip > 0:
+            clip_grad_norm_(net.parameters(), t.grad_clip, net.group)
+        opt.step()
+        images_seen += t.batch_size
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+            terms = reduce_terms(out.terms, net.group)
+            loss = sum(v for st in terms for v in st.values())
+            if not math.isfinite(loss):
+                raise GrandmotherError(f"the loss became {loss} at step {done}; lower --lr (now {t.lr}) and "
+                                       f"resume from the last checkpoint")
+            if rank == 0:
+                now = time.perf_counter()
+                record = {"step": done, "images": images_seen, "loss": loss, "stages": terms,
+                          "images_per_s": (images_seen - last_images) / max(now - last_t, 1e-9), "lr": t.lr,
+                          "elapsed_s": now - t0, "model_parallel": str(partition)}
+                append_jsonl(out_dir / "metrics.jsonl", record)
+                last_t, last_images = now, images_seen
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4g}", img_s=f"{record['images_per_s']:.0f}")
+        if bar is not None:
+            bar.update(1)
+        if done % t.checkpoint_every == 0 and done != t.steps:
+            checkpoint(done)
+    if bar is not None:
+        bar.close()
+    if t.steps > start_step or ckpt is None:
+        checkpoint(t.steps)
+
+
+# ---------------------------------------------------------------- the entry point
+
+def train_model_parallel(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, progress: bool = True,
+                         dataset=None) -> dict:
+    """`train.train` with the replica spread over `cfg.train.partition` workers; same run directory."""
+    partition = Partition.parse(cfg.train.partition)
+    plan_stages(cfg.model, partition)  # a partition the network cannot take fails here, before any work
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and torch.cuda.device_count() < partition.size:
+        raise GrandmotherError(f"--partition {partition}: {partition.size} workers need as many GPUs, this machine "
+                               f"has {torch.cuda.device_count()}; use --device cpu or fewer workers")
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None and not resume:
+        raise GrandmotherError(f"{out_dir} already holds a run (checkpoint {ckpt.name}); pass --resume to "
+                               f"continue it, or choose another --out")
+    if ckpt is not None:
+        meta = read_meta(ckpt)
+        check_compatible(meta, cfg, ckpt)
+        if meta.get("engine", "local") != "local":
+            raise GrandmotherError(f"checkpoint {ckpt} was written by --engine {meta['engine']}; resume it with "
+                                   f"that engine, or choose another --out")
+    skipped = []
+    if dataset is None:
+        dataset, skipped_obj = open_training_data(Path(data_path), cfg.model.image_size, cfg.model.channels,
+                                                  progress=progress)
+        skipped = skipped_obj.items
+    if len(dataset) == 0:
+        raise GrandmotherError(f"no training images in {data_path}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if skipped:
+        atomic_write_json(out_dir / "skipped.json", {"skipped": skipped})
+        print(f"skipped {len(skipped)} unreadable image(s); list in {out_dir / 'skipped.json'}")
+    if ckpt is not None:
+        step = read_meta(ckpt)["step"]
+        truncate_jsonl(out_dir / "metrics.jsonl", step)
+        print(f"resuming {out_dir} from step {step} with {partition.size} workers ({partition})")
+    save_config(cfg, out_dir / "config.yaml")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    spawn(_worker, partition.size, (cfg, str(partition), dataset, str(out_dir), str(data_path),
+                                    str(ckpt) if ckpt else None, progress), backend=backend)
+    last = latest_checkpoint(out_dir)
+    meta = read_meta(last)
+    final = None
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.is_file():
+        import json
+        lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+        final = json.loads(lines[-1]) if lines else None
+    return {"steps": cfg.train.steps, "images_seen": meta["images_seen"], "final": final, "run_dir": str(out_dir),
+            "skipped": len(skipped), "model_parallel": str(partition)}

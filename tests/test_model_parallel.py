@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from grandmother.config import ConfigError, load_config
+from grandmother.config import load_config
+from grandmother.errors import ConfigError
 from grandmother.model import Network
 from grandmother.parallel.partition import Partition, Rect, exchange, plan_stages
 
@@ -163,3 +164,55 @@ def test_model_parallel_equals_single_process(tmp_path):
             counted = json.loads((tmp_path / f"halo_{index}_{rank}.json").read_text())
             counted = {k: v for k, v in counted.items() if v}
             assert counted == {k: 3 * v for k, v in sent[rank].items()}, (case["partition"], rank)
+
+
+# ---------------------------------------------------------------- the single-node engine
+
+def _params(run):
+    from grandmother.checkpoint import load_run
+    return load_run(run)[1].state_dict()
+
+
+def test_train_model_parallel_resumes_with_another_partition(tmp_path):
+    """`train --model-parallel 2` continues a single-process run from its checkpoint, writes standard
+    checkpoints (one mid-run, then more steps), and ends where a single-process run ends."""
+    from test_train import make_images
+
+    from grandmother.checkpoint import latest_checkpoint, read_meta
+    from grandmother.commands import main
+    from grandmother.train import train
+
+    data = make_images(tmp_path / "imgs", n=12, size=20)
+    base = {**NET_A, "train.batch_size": 4, "train.checkpoint_every": 1, "train.log_every": 1,
+            "train.device": "cpu", "train.optimizer": "adagrad", "train.lr": 0.02}
+    cfg = lambda steps: load_config("small", {**base, "train.steps": steps})
+    train(cfg(4), data, tmp_path / "local", progress=False)
+    want = _params(tmp_path / "local")
+
+    train(cfg(2), data, tmp_path / "run", progress=False)
+    (tmp_path / "run.yaml").write_text(json.dumps(cfg(2).to_dict()))
+    args = ["train", "--preset", str(tmp_path / "run.yaml"), "--data", str(data), "--out", str(tmp_path / "run"),
+            "--steps", "4", "--model-parallel", "2", "--resume"]
+    assert main(args) == 0
+    meta = read_meta(latest_checkpoint(tmp_path / "run"))
+    assert meta["step"] == 4 and meta["model_parallel"] == "2x1" and meta["engine"] == "local"
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4] and lines[-1]["model_parallel"] == "2x1"
+    got = _params(tmp_path / "run")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=0, atol=1e-5), (k, float((got[k] - want[k]).abs().max()))
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "c"), "--model-parallel", "2",
+                 "--partition", "2x1"]) == 2  # one of the two flags, one-line error
+
+
+def test_model_info_model_parallel(capsys):
+    from grandmother.commands import main
+    assert main(["model-info", "--preset", "small", "--model-parallel", "2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    workers = info["model_parallel"]["workers"]
+    assert len(workers) == 2
+    assert sum(w["parameters"] for w in workers) == info["parameters"]["total"]
+    assert sum(w["halo_sent_bytes"] for w in workers) == sum(w["halo_received_bytes"] for w in workers) > 0
+    assert main(["model-info", "--preset", "small", "--partition", "10x1"]) == 2  # stage 2 has 9 rows
+    assert "--partition" in capsys.readouterr().err

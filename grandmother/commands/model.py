@@ -6,15 +6,41 @@ from pathlib import Path
 
 from ..config import CHOICES
 from ..errors import GrandmotherError
-from .common import add_config_arguments, config_from_args
+from .common import add_config_arguments, check_positive, config_from_args
 
 
 # ---------------------------------------------------------------- model-info
 
+def partition_flag(args) -> None:
+    """--model-parallel P is --partition Px1; both set train.partition."""
+    if args.model_parallel is not None:
+        check_positive(model_parallel=args.model_parallel)
+        if args.partition is not None:
+            raise GrandmotherError("--model-parallel and --partition: give one of them (P is the same as Px1)")
+        args.partition = f"{args.model_parallel}x1"
+
+
+def add_partition_arguments(p):
+    g = p.add_argument_group("Model parallelism: one replica split spatially over several processes")
+    g.add_argument("--model-parallel", type=int, metavar="P", help="P workers, each a block of rows of every layer")
+    g.add_argument("--partition", metavar="RxC", help="an R x C grid of workers, e.g. 2x2; RxC:w1,..:v1,.. for "
+                                                      "unequal blocks (relative row and column sizes)")
+
+
 def cmd_model_info(args):
     from ..shapes import format_model_info, model_info
-    info = model_info(config_from_args(args, {}))
-    print(json.dumps(info, indent=2) if args.json else format_model_info(info))
+    partition_flag(args)
+    cfg = config_from_args(args, {"partition": "train.partition", "batch_size": "train.batch_size"})
+    info = model_info(cfg)
+    text = format_model_info(info)
+    if cfg.train.partition:
+        from ..parallel.costs import format_worker_costs, worker_costs
+        from ..parallel.partition import Partition
+        part = Partition.parse(cfg.train.partition)
+        info["model_parallel"] = {"partition": str(part), "batch_size": cfg.train.batch_size,
+                                  "workers": worker_costs(cfg, part)}
+        text += "\n\n" + format_worker_costs(info["model_parallel"]["workers"], part, cfg.train.batch_size)
+    print(json.dumps(info, indent=2) if args.json else text)
 
 
 # ---------------------------------------------------------------- train
@@ -26,17 +52,24 @@ TRAIN_FLAGS = {
     "replicas": "downpour.replicas", "ps_shards": "downpour.ps_shards", "fetch_every": "downpour.fetch_every",
     "push_every": "downpour.push_every", "ray_address": "downpour.ray_address",
     "replica_device": "downpour.replica_device", "replica_cpus": "downpour.replica_cpus",
-    "replica_gpus": "downpour.replica_gpus",
+    "replica_gpus": "downpour.replica_gpus", "partition": "train.partition",
 }
 
 
 def cmd_train(args):
     if args.no_lcn:
         args.overrides.append("model.lcn=false")
+    partition_flag(args)
     cfg = config_from_args(args, TRAIN_FLAGS)
     if not args.data:
         raise GrandmotherError("--data is required: a folder of images or a dataset made by `grandmother ingest`")
-    if cfg.engine == "downpour":
+    if cfg.train.partition and cfg.engine == "downpour":
+        raise GrandmotherError("--partition/--model-parallel with --engine downpour: not available yet; "
+                               "model parallelism runs with the local engine")
+    if cfg.train.partition:
+        from ..parallel.engine import train_model_parallel
+        summary = train_model_parallel(cfg, Path(args.data), Path(args.out), resume=args.resume)
+    elif cfg.engine == "downpour":
         from ..downpour import train_downpour
         summary = train_downpour(cfg, Path(args.data), Path(args.out), resume=args.resume)
     else:
@@ -51,6 +84,8 @@ def register(sub):
     p = sub.add_parser("model-info", help="shapes, parameter counts and FLOPs of a preset (no memory needed)")
     add_config_arguments(p, "paper")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--batch-size", type=int, help="images per step for the per-worker figures (default: the preset's)")
+    add_partition_arguments(p)
     p.set_defaults(func=cmd_model_info)
 
     p = sub.add_parser("train", help="train a network on unlabeled images")
@@ -79,4 +114,5 @@ def register(sub):
     g.add_argument("--replica-device", choices=("cpu", "cuda"))
     g.add_argument("--replica-cpus", type=float)
     g.add_argument("--replica-gpus", type=float)
+    add_partition_arguments(p)
     p.set_defaults(func=cmd_train)

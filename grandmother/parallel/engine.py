@@ -29,10 +29,12 @@ import torch.distributed as dist
 from ..checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, model_signature, read_meta, rng_state,
                           save_checkpoint)
 from ..config import Config, save_config
-from ..data import open_training_data
+from ..dataset import BatchOrder, open_training_data
 from ..errors import GrandmotherError
 from ..io import append_jsonl, atomic_write_json, truncate_jsonl
-from ..train import BatchOrder, build_network, build_optimizer, resolve_device
+from ..model import build_network
+from ..optim import build_optimizer
+from ..runtime import resolve_device
 from .launch import spawn
 from .mp_model import ModelParallelNetwork, clip_grad_norm_, gather_full, reduce_terms
 from .partition import Partition, plan_stages

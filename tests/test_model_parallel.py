@@ -198,6 +198,10 @@ def test_train_model_parallel_resumes_with_another_partition(tmp_path):
     assert meta["step"] == 4 and meta["model_parallel"] == "2x1" and meta["engine"] == "local"
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4] and lines[-1]["model_parallel"] == "2x1"
+    # the halo bytes the workers counted in training = model-info's figure for this partition
+    from grandmother.parallel.costs import halo_traffic
+    sent, _ = halo_traffic(cfg(4).model, Partition(2, 1), batch=4, element_size=4)
+    assert lines[-1]["halo_bytes_per_step"] == sum(sum(row.values()) for row in sent)
     got = _params(tmp_path / "run")
     assert got.keys() == want.keys()
     for k in want:

@@ -113,3 +113,29 @@ def format_worker_costs(rows: list[dict], partition: Partition, batch: int) -> s
     out.append(f"halo bytes per step, all workers: {total:,} ({mib(total)} MiB); activations are an estimate "
                f"(kernel workspaces come on top)")
     return "\n".join(out)
+
+
+def step_time(cfg, partition: Partition, device_flops: float, link_bytes_per_s: float, latency_s: float,
+              batch: int | None = None, element_size: int = 4) -> dict:
+    """A time-per-step model of one partitioned replica (seconds), no overlap of compute and transfers.
+
+        compute  = max over workers of (its share of the training FLOPs) / device_flops
+                   (a worker's share of a stage: its filter locations / all of them)
+        exchange = sum over the step's exchanges of (latency + the largest bytes one worker sends in it
+                   / link_bytes_per_s)     every exchange waits for its slowest pair
+    Returns {"compute_s", "exchange_s", "step_s", "images_per_s", "exchanges", "max_bytes_per_worker"}.
+    """
+    from ..shapes import stage_shapes
+
+    batch = batch or cfg.train.batch_size
+    plans = plan_stages(cfg.model, partition)
+    shapes = stage_shapes(cfg.model)
+    flops = [sum(sh.flops_train * plan.filter_own[k].area / (sh.filter[1] * sh.filter[2])
+                 for plan, sh in zip(plans, shapes)) * batch for k in range(partition.size)]
+    sent, _ = halo_traffic(cfg.model, partition, batch, element_size)
+    labels = sorted({label for row in sent for label in row})
+    exchange_s = sum(latency_s + max(row.get(label, 0) for row in sent) / link_bytes_per_s for label in labels)
+    compute_s = max(flops) / device_flops
+    step = compute_s + exchange_s
+    return {"compute_s": compute_s, "exchange_s": exchange_s, "step_s": step, "images_per_s": batch / step,
+            "exchanges": len(labels), "max_bytes_per_worker": max(sum(row.values()) for row in sent)}

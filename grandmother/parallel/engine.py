@@ -35,6 +35,7 @@ from ..io import append_jsonl, atomic_write_json, truncate_jsonl
 from ..model import build_network
 from ..optim import build_optimizer
 from ..runtime import resolve_device
+from .halo import HALO_BYTES
 from .launch import spawn
 from .mp_model import ModelParallelNetwork, clip_grad_norm_, gather_full, reduce_terms
 from .partition import Partition, plan_stages
@@ -121,6 +122,7 @@ def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str
         bar = tqdm(total=t.steps, initial=start_step, desc=f"train {partition}", unit="step", disable=None,
                    dynamic_ncols=True)
     last_t, last_images, t0 = time.perf_counter(), images_seen, time.perf_counter()
+    last_halo, last_step = 0, start_step
     for step in range(start_step, t.steps):
         if rank == 0:
             batch = dataset.get_batch(order.indices(step)).to(device)
@@ -137,6 +139,10 @@ def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
             terms = reduce_terms(out.terms, net.group)
+            halo = torch.tensor([float(sum(HALO_BYTES.values()))], dtype=torch.float64, device=device)
+            dist.all_reduce(halo, group=net.group)  # bytes sent by all workers so far
+            halo_per_step = (float(halo) - last_halo) / (done - last_step)
+            last_halo, last_step = float(halo), done
             loss = sum(v for st in terms for v in st.values())
             if not math.isfinite(loss):
                 raise GrandmotherError(f"the loss became {loss} at step {done}; lower --lr (now {t.lr}) and "
@@ -145,7 +151,8 @@ def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str
                 now = time.perf_counter()
                 record = {"step": done, "images": images_seen, "loss": loss, "stages": terms,
                           "images_per_s": (images_seen - last_images) / max(now - last_t, 1e-9), "lr": t.lr,
-                          "elapsed_s": now - t0, "model_parallel": str(partition)}
+                          "elapsed_s": now - t0, "model_parallel": str(partition),
+                          "halo_bytes_per_step": halo_per_step}
                 append_jsonl(out_dir / "metrics.jsonl", record)
                 last_t, last_images = now, images_seen
                 if bar is not None:

@@ -97,6 +97,7 @@ def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str
     net.load_full(full.state_dict())
     del full
     net.train()
+    net.project_norms(cfg.train.norm_control)  # as train() does at the start
     opt = build_optimizer(net.parameters(), cfg.train)
     start_step, images_seen = 0, 0
     if ckpt is not None:
@@ -135,6 +136,7 @@ def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str
         if t.grad_clip > 0:
             clip_grad_norm_(net.parameters(), t.grad_clip, net.group)
         opt.step()
+        net.project_norms(t.norm_control)
         images_seen += t.batch_size
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import get_kernel
-from ..model import LocalContrastNorm, NetworkOutput, l2_pool, prepare_images
+from ..model import LocalContrastNorm, Network, NetworkOutput, l2_pool, prepare_images
 from ..shapes import stage_shapes
 from .halo import gather, scatter_add
 from .partition import Partition, Rect, StagePlan, exchange, plan_stages
@@ -52,6 +52,7 @@ class LocalStage(nn.Module):
         k, m = plan.field, stage_cfg.maps
         self.kernel_name = model_cfg.kernel
         self.filter = _Filter((f.h, f.w, m, in_channels, k, k), device, dtype)
+        self.tied = model_cfg.tied  # decode with W1 (the decoder parameter is then unused, as in Network)
         self.sigmoid = not plan.pooled
         self.eps, self.sparsity = model_cfg.pool_eps, model_cfg.sparsity
         self.ex_input = exchange(plan.input_own, plan.input_need, rank, f"stage{i}.input")
@@ -101,11 +102,12 @@ class LocalStage(nn.Module):
         y = kern.encode(x_need, self.filter.encoder, s)
         batch = x_own.shape[0]
         need = self.plan.input_need[self.rank]
+        w2 = self.filter.encoder if self.tied else self.filter.decoder
         if self.sigmoid:
             h = torch.sigmoid(y)
             terms = None
             if objective:
-                rec = scatter_add(kern.decode(h, self.filter.decoder, s, (need.h, need.w)), self.ex_rec, self.group)
+                rec = scatter_add(kern.decode(h, w2, s, (need.h, need.w)), self.ex_rec, self.group)
                 terms = {"reconstruction": ((rec - x_own) ** 2).sum() / batch, "sparsity": x_own.new_zeros(())}
             return {"filter": h}, h, terms
         p = l2_pool(gather(y, self.ex_filter, self.group), self.plan.pool_size, self.plan.pool_stride, self.eps)
@@ -114,7 +116,7 @@ class LocalStage(nn.Module):
             out = acts["lcn"] = self._lcn(p)
         terms = None
         if objective:
-            rec = scatter_add(kern.decode(y, self.filter.decoder, s, (need.h, need.w)), self.ex_rec, self.group)
+            rec = scatter_add(kern.decode(y, w2, s, (need.h, need.w)), self.ex_rec, self.group)
             terms = {"reconstruction": ((rec - x_own) ** 2).sum() / batch,
                      "sparsity": self.sparsity * p.sum() / batch}
         return acts, out, terms
@@ -131,6 +133,11 @@ class ModelParallelNetwork(nn.Module):
         self.shapes = stage_shapes(model_cfg)
         self.stages = nn.ModuleList(LocalStage(plan, rank, sc, model_cfg, sh.input[0], device, dtype, group)
                                     for plan, sc, sh in zip(self.plans, model_cfg.stages, self.shapes))
+        self.input_lcn = None  # input_norm "lcn": every worker normalizes the whole images it holds
+        if model_cfg.input_norm == "lcn":
+            c, h, w = self.shapes[0].input
+            s0 = model_cfg.stages[0]
+            self.input_lcn = LocalContrastNorm(c, (h, w), s0.lcn_size, s0.lcn_sigma, model_cfg.lcn_c).to(device)
 
     @property
     def input_shape(self):
@@ -151,7 +158,12 @@ class ModelParallelNetwork(nn.Module):
             p.copy_(self.slice_full(name, tensors[name]))
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return prepare_images(images, self.input_shape, self.cfg.input_norm, self.stages[0].filter.encoder.dtype)
+        return prepare_images(images, self.input_shape, self.cfg.input_norm, self.stages[0].filter.encoder.dtype,
+                              self.input_lcn)
+
+    def project_norms(self, which: str) -> None:
+        """Network.project_norms on this worker's slices: the projection is per unit, so per slice."""
+        Network.project_norms(self, which)
 
     def forward(self, x: torch.Tensor, objective: bool = True) -> NetworkOutput:
         """x: the WHOLE prepared batch (B, C, H, W). Activations, terms and loss are this worker's blocks'."""

@@ -11,7 +11,8 @@ Stages, in order (the names --restart-from takes):
                 `frames_per_video` frames of each video                                 -> DIR/data
     train       the preset for --steps N, or as many steps as --minutes M allows        -> DIR/run
     probe       every unit on each test set, with the Table 1 baselines                 -> DIR/probe_NAME
-    visualize   each concept's best unit: histogram, top images, optimal stimulus      -> DIR/visualize_NAME
+    visualize   each concept's unit (shown_unit: the top-stage unit chosen on the held-out protocol's
+                selection half): histogram, top images, optimal stimulus               -> DIR/visualize_NAME
     invariance  its scale and translation curves                                        -> DIR/invariance_NAME
     report      one HTML file                                                           -> DIR/report.html
 
@@ -72,6 +73,10 @@ STAGE_INPUTS = {
 
 def _q(path) -> str:
     return shlex.quote(str(path))
+
+
+def _threshold_flag(unit: dict) -> str:
+    return "" if unit.get("threshold") is None else f" --threshold {unit['threshold']:.6g}"
 
 
 def _now() -> str:
@@ -334,6 +339,23 @@ def ingest_eta(units, frames_per_video: int, size: int, channels: int, workers: 
     return (len(images) * per_image + frames * per_frame) / max(1, min(workers, len(units)))
 
 
+# ---------------------------------------------------------------- the unit shown for a concept
+
+def shown_unit(probe: dict) -> dict:
+    """The unit `run` visualizes for a concept: the top-stage unit chosen on the held-out protocol's selection
+    half (as the demo always did: the paper's face neuron is a top-stage unit), scored on the evaluation half;
+    where the held-out entry is missing or skipped (a test set that cannot be split), the paper protocol's
+    best unit."""
+    top = (probe.get("heldout") or {}).get("top_stage")
+    if top:
+        return {"unit": top["unit"], "threshold": top.get("threshold"), "direction": top.get("direction"),
+                "chosen_by": "top stage, chosen on the selection half",
+                "evaluation_accuracy": top.get("evaluation_accuracy"), "ci95": top.get("ci95")}
+    best = probe["best"]
+    return {"unit": best["unit"], "threshold": best.get("threshold"),
+            "chosen_by": "paper protocol, chosen and scored on all images", "accuracy": best["accuracy"]}
+
+
 # ---------------------------------------------------------------- the job
 
 class Job:
@@ -570,35 +592,43 @@ class Job:
             res = run_probe(self.run_dir, ts.path, pdir, concept=ts.name, train_data=self.data_dir, command=cmd,
                             progress=self.progress, **PROBE_OPTIONS)
             best = res["best"]
-            print(f"      {ts.name}: best unit {best['unit']}, accuracy {100 * best['accuracy']:.1f}%")
-            out[ts.name] = {"unit": best["unit"], "accuracy": best["accuracy"], "threshold": best.get("threshold")}
+            print(f"      {ts.name}, paper protocol (chosen and scored on all images): best unit {best['unit']}, "
+                  f"{100 * best['accuracy']:.1f}%")
+            ho = res.get("heldout") or {}
+            if "top_stage" in ho:
+                from .probe import heldout_table
+                print("\n".join(f"      {line}" for line in heldout_table(ho).splitlines()))
+            elif "skipped" in ho:
+                print(f"      held-out evaluation skipped: {ho['skipped']}")
+            out[ts.name] = shown_unit(res)
+            print(f"      shown: {out[ts.name]['unit']} ({out[ts.name]['chosen_by']})")
         return out
 
-    def best_units(self) -> dict:
+    def shown_units(self) -> dict:
         return self.record.stages["probe"]["result"]
 
     # visualize
     def plan_visualize(self, rec):
         # up to 300 iterations of a gradient and about two line-search values on 4 images
         eta = len(self.testsets) * (1.0 + 300 * 2 * self.warmup["seconds_per_4_image_pass"])
-        return {}, eta, "histogram, top images and optimal stimulus of each concept's best unit"
+        return {}, eta, "histogram, top images and optimal stimulus of each concept's unit"
 
     def do_visualize(self, rec) -> dict:
         from .visualize import run_visualize
         out = {}
         for ts in self.testsets:
-            best = self.best_units()[ts.name]
-            pdir, vdir = self.out / f"probe_{ts.name}", self.out / f"visualize_{ts.name}"
-            cmd = (f"grandmother visualize {_q(self.run_dir)} --testset {_q(ts.path)} --probe {_q(pdir)} "
-                   f"--out {_q(vdir)}")
-            res = run_visualize(self.run_dir, ts.path, best["unit"], vdir, threshold=best["threshold"],
+            shown = self.shown_units()[ts.name]
+            vdir = self.out / f"visualize_{ts.name}"
+            cmd = (f"grandmother visualize {_q(self.run_dir)} --testset {_q(ts.path)} --unit {shown['unit']}"
+                   f"{_threshold_flag(shown)} --out {_q(vdir)}")
+            res = run_visualize(self.run_dir, ts.path, shown["unit"], vdir, threshold=shown["threshold"],
                                 concept=ts.name, command=cmd)
             out[ts.name] = {"optimal_stimulus_value": res["optimal_stimulus"]["value"]}
         return out
 
     # invariance
     def plan_invariance(self, rec):
-        return {}, 1.0 * len(self.testsets), "scale and translation curves of each concept's best unit"
+        return {}, 1.0 * len(self.testsets), "scale and translation curves of each concept's unit"
 
     def invariance_images(self, ts: Concept, inv_dir: Path) -> Path:
         """The in-package held-out faces for the built-in set, else the first positives of the test set."""
@@ -620,12 +650,12 @@ class Job:
         from .invariance import run_invariance
         out = {}
         for ts in self.testsets:
-            best = self.best_units()[ts.name]
-            pdir, idir = self.out / f"probe_{ts.name}", self.out / f"invariance_{ts.name}"
+            shown = self.shown_units()[ts.name]
+            idir = self.out / f"invariance_{ts.name}"
             images = self.invariance_images(ts, idir)
-            cmd = (f"grandmother invariance {_q(self.run_dir)} --probe {_q(pdir)} --images {_q(images)} "
-                   f"--out {_q(idir)}")
-            run_invariance(self.run_dir, best["unit"], images, idir, threshold=best["threshold"], command=cmd)
+            cmd = (f"grandmother invariance {_q(self.run_dir)} --unit {shown['unit']}{_threshold_flag(shown)} "
+                   f"--images {_q(images)} --out {_q(idir)}")
+            run_invariance(self.run_dir, shown["unit"], images, idir, threshold=shown["threshold"], command=cmd)
             out[ts.name] = {"images": str(images)}
         return out
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from grandmother.errors import GrandmotherError
-from grandmother.pipeline import STAGES, Job, describe_change, run_pipeline
+from grandmother.pipeline import STAGES, Job, describe_change, run_pipeline, shown_unit
 from grandmother.samples import SAMPLE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,10 +80,13 @@ def test_run_on_the_sample_without_testset_resumes_and_refuses_changes(tmp_path,
     # the face test set shipped in the package, built at the network's size; a face row in the report
     probe = json.loads((out / "probe_faces" / "probe.json").read_text())
     assert probe["concept"] == "faces" and probe["n_images"] == 848 and probe["n_positive"] == 299
+    shown = rec["stages"]["probe"]["result"]["faces"]
+    assert shown == shown_unit(probe)
+    assert json.loads((out / "visualize_faces" / "visualize.json").read_text())["unit"] == shown["unit"]
     rows = dict((name, row) for name, row in rec["stages"]["report"]["result"]["rows"])
     assert rows["faces"]["best"] == pytest.approx(100 * probe["best"]["accuracy"])
     page = (out / "report.html").read_text()
-    assert "faces" in page and probe["best"]["unit"] in page
+    assert "faces" in page and probe["best"]["unit"] in page and shown["unit"] in page
     for name in ("histogram.png", "top_images.png", "optimal_stimulus.png"):
         assert (out / "visualize_faces" / name).is_file()
     assert (out / "invariance_faces" / "scale.png").is_file()

@@ -63,15 +63,27 @@ def check_resume_layout(meta: dict, cfg: Config, where: Path) -> None:
     if shards != d.ps_shards:
         raise GrandmotherError(f"checkpoint {where} has {shards} parameter-server shards, this run asks for "
                                f"--ps-shards {d.ps_shards}; resume with --ps-shards {shards}")
+    if meta.get("model_parallel", "") != cfg.train.partition:
+        raise GrandmotherError(f"checkpoint {where} was trained with --partition '{meta.get('model_parallel', '')}', "
+                               f"this run asks for '{cfg.train.partition}' (the shards count pushes per "
+                               f"process); resume with the same partition")
     if meta.get("replicas") != d.replicas:
         raise GrandmotherError(f"checkpoint {where} was trained by {meta.get('replicas')} replicas (one data portion "
                                f"each), this run asks for --replicas {d.replicas}; resume with --replicas "
                                f"{meta.get('replicas')}")
 
 
+def _parts(cfg: Config) -> int:
+    if not cfg.train.partition:
+        return 1
+    from .parallel.partition import Partition
+    return Partition.parse(cfg.train.partition).size
+
+
 def check_resources(cfg: Config, cpus: float, gpus: float, where: str) -> None:
     d = cfg.downpour
-    need_cpu, need_gpu = d.replicas * d.replica_cpus, d.replicas * d.replica_gpus
+    parts = _parts(cfg)  # processes per replica (model parallelism)
+    need_cpu, need_gpu = d.replicas * parts * d.replica_cpus, d.replicas * parts * d.replica_gpus
     if need_cpu > cpus + 1e-9:
         raise GrandmotherError(f"--replicas {d.replicas} x --replica-cpus {d.replica_cpus:g} needs {need_cpu:g} CPUs, "
                                f"{where} has {cpus:g}; lower --replicas or --replica-cpus")
@@ -187,16 +199,34 @@ class DownpourJob:
         flat = torch.from_numpy(np.concatenate([np.asarray(st.pop("params")) for st in states]))
         d = self.cfg.downpour
         # The resume point of each replica: the step its pushes reached on every shard.
-        reached = [min((st["last_seq"].get(r, 0), st["last_step"].get(r, 0)) for st in states)[1]
-                   for r in range(d.replicas)]
+        reached = [self.reached(states, r) for r in range(d.replicas)]
         step = sum(reached)
         meta = {"images_seen": step * self.cfg.train.batch_size, "model_signature": model_signature(self.cfg),
                 "engine": "downpour", "data": str(self.data_path), "dataset_size": self.dataset_size,
                 "replicas": d.replicas, "replica_steps": reached, "ps_updates": min(st["version"] for st in states),
                 "ps_layout": {"shards": d.ps_shards, "bounds": self.bounds}}
+        if self.cfg.train.partition:
+            meta["model_parallel"] = self.cfg.train.partition
         save_checkpoint(self.out_dir, step, self.layout.unflatten(flat), {"ps_shards": states, "rng": rng_state()},
                         meta)
         return step
+
+    def reached(self, states: list[dict], replica: int) -> int:
+        """The local step this replica's pushes reached on every shard (its resume point)."""
+        return min((st["last_seq"].get(replica, 0), st["last_step"].get(replica, 0)) for st in states)[1]
+
+    # Hooks for replicas made of several processes (grandmother/parallel/downpour_mp.py); no-ops here.
+    def dead_groups(self) -> list:
+        return []
+
+    def group_failed(self, replica: int) -> bool:
+        return False
+
+    def finished(self, replica: int) -> None:
+        pass
+
+    def victim_pid(self, replica: int, rec: dict) -> int:
+        return rec["pid"]
 
     def push_counts(self) -> list[dict]:
         return ray.get([s.push_counts.remote() for s in self.shards])
@@ -219,6 +249,9 @@ def train_downpour(cfg: Config, data_path: Path, out_dir: Path, resume: bool = F
     d, out_dir = cfg.downpour, Path(out_dir)
     # ============ checks before any work ============
     check_replica_settings(cfg)
+    if cfg.train.partition:
+        from .parallel.downpour_mp import check_partitioned_downpour
+        check_partitioned_downpour(cfg)
     ckpt = latest_checkpoint(out_dir)
     if ckpt is not None and not resume:
         raise GrandmotherError(f"{out_dir} already holds a run (checkpoint {ckpt.name}); pass --resume to "
@@ -273,7 +306,13 @@ def train_downpour(cfg: Config, data_path: Path, out_dir: Path, resume: bool = F
         if skipped:
             atomic_write_json(out_dir / "skipped.json", {"skipped": skipped})
             print(f"skipped {len(skipped)} unreadable image(s); list in {out_dir / 'skipped.json'}")
-        job = DownpourJob(cfg, out_dir, data_path, dataset, flat, layout, shard_states, faults)
+        job_cls = DownpourJob
+        if cfg.train.partition:  # each replica a group of processes, one per block of the partition
+            from .parallel.downpour_mp import PartitionedDownpourJob
+            job_cls = type("PartitionedJob", (PartitionedDownpourJob, DownpourJob), {})
+        job = job_cls(cfg, out_dir, data_path, dataset, flat, layout, shard_states, faults)
+        if cfg.train.partition:
+            job.setup_parts()
         return _drive(job, cfg, out_dir, ckpt, skipped, progress)
     finally:
         if job is not None:
@@ -307,18 +346,26 @@ def _drive(job: DownpourJob, cfg: Config, out_dir: Path, ckpt, skipped, progress
     try:
         while job.gens:
             ready, _ = ray.wait(list(job.gens.values()), num_returns=1, timeout=1.0)
+            for r, e in job.dead_groups():  # a replica's other process died: restart the replica
+                job.restart(r, e)
+                ready = [g for g in ready if g in job.gens.values()]
             for gen in ready:
                 r = next(k for k, g in job.gens.items() if g is gen)
                 try:
                     rec = ray.get(next(gen))
                 except StopIteration:
                     del job.gens[r]
+                    job.finished(r)
                     continue
                 except ray.exceptions.RayActorError as e:
                     del job.gens[r]
                     job.restart(r, e)
                     continue
                 except ray.exceptions.RayTaskError as e:
+                    if job.group_failed(r):  # a collective failed because another process of r died
+                        del job.gens[r]
+                        job.restart(r, e)
+                        continue
                     cause = getattr(e, "cause", None)
                     if isinstance(cause, GrandmotherError):
                         raise GrandmotherError(str(cause)) from None
@@ -327,7 +374,7 @@ def _drive(job: DownpourJob, cfg: Config, out_dir: Path, ckpt, skipped, progress
                 worked = True
                 latest[r], job.steps[r] = rec, rec["step"]
                 if kill and not killed and r == kill[0] and rec["step"] >= kill[1]:
-                    os.kill(rec["pid"], signal.SIGKILL)  # test hook: a replica process dies mid-run
+                    os.kill(job.victim_pid(r, rec), signal.SIGKILL)  # test hook: a replica process dies mid-run
                     killed = True
             if waiting and (job.steps[0] >= d.warmstart_steps or 0 not in job.gens):
                 for w in waiting:

@@ -97,14 +97,28 @@ class ShardState:
         # times received (duplicates included). Compact, so a long run's bookkeeping stays small.
         self.applied: dict[int, bytearray] = {}
         self.received: dict[int, bytearray] = {}
+        # Model-parallel replicas (grandmother/parallel/downpour_mp.py): worker k of a partition pushes and
+        # fetches only its slice, these positions of this shard's vector.
+        self.parts: dict[int, torch.Tensor] = {}
         if state:
             self.opt.load_state_dict(state["optimizer"])
             self.version = int(state["version"])
             self.last_seq = {int(k): int(v) for k, v in state["last_seq"].items()}
             self.last_step = {int(k): int(v) for k, v in state["last_step"].items()}
 
-    def push(self, replica: int, seq: int, step_end: int, grad) -> dict:
+    def register_part(self, part: int, index) -> None:
+        """Positions (in this shard's vector) of partition worker `part`'s parameter slice."""
+        self.parts[int(part)] = torch.as_tensor(np.array(index, dtype=np.int64, copy=True))
+
+    def fetch_part(self, part: int):
+        """(worker `part`'s slice of this shard as a NumPy array, version)."""
+        return self.param.detach()[self.parts[part]].numpy(), self.version
+
+    def push(self, replica: int, seq: int, step_end: int, grad, part: int | None = None) -> dict:
         """Apply one pushed gradient unless this (replica, seq) was applied before.
+
+        With `part`, `grad` holds the values of that partition worker's slice only (`replica` is then
+        the worker's pusher key); the gradient is zero elsewhere in this shard.
 
         Returns {"applied", "version"}: `version` is the number of updates applied before this one, so
         `version - fetched_version` is the push's staleness.
@@ -116,6 +130,14 @@ class ShardState:
             # Ray hands large arrays over read-only and zero-copy; the optimizer only reads the gradient.
             warnings.simplefilter("ignore", UserWarning)
             grad_t = torch.as_tensor(grad)
+        if part is not None:
+            index = self.parts[part]
+            if grad_t.shape != index.shape:
+                raise ValueError(f"shard {self.index}: gradient of {tuple(grad_t.shape)} for worker {part}'s "
+                                 f"slice of {tuple(index.shape)}")
+            full = torch.zeros_like(self.param.detach())
+            full[index] = grad_t
+            grad_t = full
         if grad_t.shape != self.param.shape:
             raise ValueError(f"shard {self.index}: gradient of {tuple(grad_t.shape)} for a slice of "
                              f"{tuple(self.param.shape)}")

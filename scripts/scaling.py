@@ -76,8 +76,8 @@ def measure(steps: int, batch: int) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         for part in ("", "2x1"):
             cfg = load_config("small", [f"train.steps={steps}", f"train.batch_size={batch}", "train.log_every=1",
-                                        f"train.checkpoint_every={steps}", "train.device=cpu",
-                                        f"train.partition={part}"])
+                                        f"train.checkpoint_every={steps}", "train.device=cpu"]
+                              + ([f"train.partition={part}"] if part else []))
             out = Path(tmp) / (part or "local")
             t0 = time.perf_counter()
             if part:

@@ -252,3 +252,24 @@ def test_killed_job_resumes_from_its_last_checkpoint(tmp_path, ray_run):
     while _raylets() - raylets and time.time() < deadline:
         time.sleep(0.5)
     assert not _raylets() - raylets
+
+
+@pytest.mark.slow
+def test_model_parallel_replicas_restart_their_whole_group_and_apply_every_push_once(tmp_path, ray_run):
+    """2 replicas x 2 partition processes; one process of replica 1 is SIGKILLed mid-run: the replica's
+    group restarts, the run finishes, and every worker's every push reached every shard exactly once."""
+    from grandmother.downpour import train_downpour
+    data = make_images(tmp_path / "imgs", n=32)
+    cfg = load_config("small", FAST + ["train.steps=24", "train.log_every=4", "downpour.replicas=2",
+                                       "downpour.ps_shards=2", "downpour.push_every=2", "train.partition=2x1"])
+    summary = train_downpour(cfg, data, tmp_path / "dp", progress=False, faults={"kill": (1, 5), "kill_part": 1})
+    assert summary["restarts"] == {0: 0, 1: 1}
+    for shard in summary["push_counts"]:
+        assert sorted(shard["applied"]) == [0, 1, 2, 3]  # pusher = replica * 2 + partition worker
+        for key in range(4):  # 12 local steps / G=2 = 6 pushes per worker
+            assert shard["applied"][key] == [1] * 6, (key, shard["applied"][key])
+    resumed = summary["started_at"][1][1]
+    assert 0 < resumed < 12 and resumed % 2 == 0, summary["started_at"]
+    meta = read_meta(latest_checkpoint(tmp_path / "dp"))
+    assert meta["step"] == 24 and meta["replica_steps"] == [12, 12] and meta["model_parallel"] == "2x1"
+    assert load_run(tmp_path / "dp")[1].num_parameters() > 0  # the standard layout: full parameters

@@ -145,6 +145,7 @@ CASES = [  # P = 2, 3, 4: row, column and grid partitions, unequal blocks, strid
 ]
 
 
+@pytest.mark.slow
 def test_model_parallel_equals_single_process(tmp_path):
     """Done-when evidence of issue 14: P = 2, 3, 4 (one world of 4 processes, subgroups for P < 4)."""
     from grandmother.parallel.launch import spawn
@@ -177,6 +178,7 @@ def _params(run):
     return load_run(run)[1].state_dict()
 
 
+@pytest.mark.slow
 def test_train_model_parallel_resumes_with_another_partition(tmp_path):
     """`train --model-parallel 2` continues a single-process run from its checkpoint, writes standard
     checkpoints (one mid-run, then more steps), and ends where a single-process run ends."""

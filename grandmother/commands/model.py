@@ -63,10 +63,7 @@ def cmd_train(args):
     cfg = config_from_args(args, TRAIN_FLAGS)
     if not args.data:
         raise GrandmotherError("--data is required: a folder of images or a dataset made by `grandmother ingest`")
-    if cfg.train.partition and cfg.engine == "downpour":
-        raise GrandmotherError("--partition/--model-parallel with --engine downpour: not available yet; "
-                               "model parallelism runs with the local engine")
-    if cfg.train.partition:
+    if cfg.train.partition and cfg.engine != "downpour":
         from ..parallel.engine import train_model_parallel
         summary = train_model_parallel(cfg, Path(args.data), Path(args.out), resume=args.resume)
     elif cfg.engine == "downpour":

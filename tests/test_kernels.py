@@ -124,3 +124,54 @@ def test_cuda_kernel_equals_reference_float64(B, C, H, W, M, k, s):
     torch.testing.assert_close(fast.forward(cu(x), cu(w), s).cpu(), ref.forward(x, w, s))
     torch.testing.assert_close(fast.backward_input(cu(gy), cu(w), s, (H, W)).cpu(), ref.backward_input(gy, w, s, (H, W)))
     torch.testing.assert_close(fast.backward_weight(cu(x), cu(gy), s, k).cpu(), ref.backward_weight(x, gy, s, k))
+
+
+# ---------------------------------------------------------------- the native (C++) kernel
+
+def test_native_kernel_builds_and_loads(tmp_path, monkeypatch):
+    """A fresh build (own cache directory) compiles, loads and reports its vector width."""
+    import shutil
+    from grandmother.kernels import native
+    if shutil.which(native._compiler()) is None:
+        pytest.skip(f"no C++ compiler ({native._compiler()}): the native kernel is not built here")
+    monkeypatch.setenv("GRANDMOTHER_CACHE", str(tmp_path))
+    path = native.build()
+    assert path.parent == tmp_path / "native" and path.exists()
+    assert native.build() == path  # cached: same file, no rebuild
+    lib = native._load(path)
+    assert lib.gm_lanes(4) in (4, 8, 16) and lib.gm_lanes(8) == lib.gm_lanes(4) // 2
+    assert "native" in kernel_names("cpu") and get_kernel("auto", "cpu").name == "native"
+
+
+def test_native_build_failure_is_one_line_and_auto_falls_back(tmp_path, monkeypatch, capsys):
+    from grandmother.kernels import native
+    monkeypatch.setenv("GRANDMOTHER_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-gm")
+    with pytest.raises(RuntimeError, match=r"no C\+\+ compiler"):
+        native.build()
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    with pytest.raises(RuntimeError) as e:
+        native.build(force=True)
+    assert "\n" not in str(e.value) and "failed" in str(e.value)
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "native kernel unavailable" in err[0] and "using rowshift" in err[0]
+    assert "native" not in kernel_names("cpu") and get_kernel("auto", "cpu").name == "rowshift"
+
+
+@pytest.mark.skipif("native" not in FAST, reason="native kernel not built here (no compiler or build failed)")
+@pytest.mark.parametrize("B,C,H,W,M,k,s", [(13, 1, 20, 17, 8, 8, 1), (11, 3, 15, 15, 5, 6, 1), (9, 8, 12, 13, 8, 4, 2),
+                                           (17, 2, 11, 9, 3, 3, 1)])
+def test_native_float32_equals_reference(B, C, H, W, M, k, s):
+    """float32 takes the 8-wide paths (tile transposes, vector tails) that float64's 4-wide ones do not."""
+    ref, fast = ReferencePrimitives(), get_kernel("native", "cpu")
+    Ho, Wo = (H - k) // s + 1, (W - k) // s + 1
+    x, w, gy = torch.randn(B, C, H, W), torch.randn(Ho, Wo, M, C, k, k), torch.randn(B, M, Ho, Wo)
+    d = lambda t: t.double()  # noqa: E731
+    tol = dict(rtol=1e-4, atol=1e-4 * (C * k * k) ** 0.5)
+    torch.testing.assert_close(fast.forward(x, w, s).double(), ref.forward(d(x), d(w), s), **tol)
+    torch.testing.assert_close(fast.backward_input(gy, w, s, (H, W)).double(),
+                               ref.backward_input(d(gy), d(w), s, (H, W)), **tol)
+    torch.testing.assert_close(fast.backward_weight(x, gy, s, k).double(), ref.backward_weight(d(x), d(gy), s, k),
+                               **tol)

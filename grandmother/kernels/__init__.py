@@ -8,4 +8,4 @@ Each implementation module registers itself on import; adding a kernel is one mo
 """
 from .base import (LocallyConnectedKernel, PrimitiveKernel, get_kernel, kernel_names,  # noqa: F401
                    register_kernel, registered_names, tile_bytes)
-from . import reference, rowshift, tiled  # noqa: F401,E402  (each registers its kernel)
+from . import reference, rowshift, tiled, native  # noqa: F401,E402  (each registers its kernel)

@@ -8,6 +8,7 @@ yardsticks are a large float32 matmul and a large copy timed in the same run, so
 is comparable across noisy or shared machines.
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS (VmHWM, reset
 through /proc/self/clear_refs before each measurement), which includes parameters and optimizer state.
+With peers=True (`--peers`), also one layer per stage shape against peers: see grandmother/bench_peers.py.
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def _time(fn, device, repeats: int) -> float:
 
 
 def run_bench(cfg, device: torch.device, batch_size: int, kernels: list[str] | None = None,
-              repeats: int = 3) -> dict:
+              repeats: int = 3, peers: bool = False) -> dict:
     from .kernels import kernel_names
     from .shapes import stage_shapes
 
@@ -165,7 +166,11 @@ def run_bench(cfg, device: torch.device, batch_size: int, kernels: list[str] | N
     for st in net.stages:
         st.filter.encode, st.filter.decode = _skipped_lc(st.filter, "encode"), _skipped_lc(st.filter, "decode")
     rest = _time(train, device, repeats)
-    return {"preset": cfg.preset, "device": device_name(device), "batch_size": batch_size,
+    extra = {}
+    if peers:  # one layer per stage shape against the unfold pattern and conv2d (grandmother/bench_peers.py)
+        from .bench_peers import run_peers
+        extra["peers"] = run_peers(cfg, device, batch_size, names, mm, repeats, have)
+    return {**extra, "preset": cfg.preset, "device": device_name(device), "batch_size": batch_size,
             "matmul_gflops": mm, "copy_gbs": bw, "memory_estimate_bytes": memory_estimate(cfg, batch_size, workspace[names[0]]),
             "rows": rows, "rest_of_train_step_seconds": rest,
             "train_step_seconds_at_25_percent": flops_train / (0.25 * mm * 1e9)}
@@ -264,6 +269,10 @@ def format_table(result: dict) -> str:
     lines.append(f"rest of the training step (pooling, LCN, objective, Adagrad; locally connected maps skipped): "
                  f"{result['rest_of_train_step_seconds']:.4f} s/batch; a whole step at 25% of matmul would take "
                  f"{result['train_step_seconds_at_25_percent']:.4f} s")
+    if "peers" in result:
+        from .bench_peers import format_peers
+        lines.append(format_peers(result["peers"], sorted({r["impl"] for r in result["rows"]},
+                                                          key=[r["impl"] for r in result["rows"]].index)))
     est = result["memory_estimate_bytes"]
     lines.append(f"training-step memory estimate ({result['rows'][0]['impl'] if result['rows'] else '?'}): " + ", ".join(
         f"{k} {v / 2**30:.2f} GiB" for k, v in est.items()))

@@ -85,12 +85,17 @@ def test_whole_network_gradients_equal_reference(kernel):
 
 
 def test_bench_runs_on_a_tiny_shape(capsys):
-    """CI-sized bench: every kernel, every step kind, sane numbers; timings are not asserted."""
+    """CI-sized bench (with --peers): every kernel, every step kind, sane numbers; timings are not asserted."""
     tiny = ["--set", "model.image_size=16", "--set", "model.stages.*.receptive_field=4",
             "--set", "model.stages.*.maps=2", "--set", "model.stages.*.pool_size=2",
             "--set", "model.stages.*.lcn_size=3"]
-    assert cli(["bench", "--preset", "small", "--batch-size", "4", "--repeats", "1", "--json", *tiny]) == 0
+    assert cli(["bench", "--preset", "small", "--batch-size", "4", "--repeats", "1", "--json", "--peers", *tiny]) == 0
     out = json.loads(capsys.readouterr().out)
+    # --peers: one layer per stage for every kernel, the unfold peer and conv2d
+    assert {(r["stage"], r["impl"]) for r in out["peers"]} == {
+        (s, i) for s in range(3) for i in [*kernel_names("cpu"), "unfold", "conv2d"]}
+    for r in out["peers"]:
+        assert r["seconds"] > 0 and abs(r["fraction_of_matmul"] - r["gflops"] / out["matmul_gflops"]) < 1e-9
     assert out["matmul_gflops"] > 0 and out["copy_gbs"] > 0 and out["rest_of_train_step_seconds"] > 0
     impls = {r["impl"] for r in out["rows"]}
     assert impls == set(kernel_names("cpu"))
@@ -98,9 +103,18 @@ def test_bench_runs_on_a_tiny_shape(capsys):
     for r in out["rows"]:
         assert r["images_per_s"] > 0 and r["gflops"] > 0 and r["peak_memory_bytes"] > 0
         assert abs(r["fraction_of_matmul"] - r["gflops"] / out["matmul_gflops"]) < 1e-9
-    assert cli(["bench", "--preset", "small", "--batch-size", "2", "--repeats", "1", *tiny]) == 0
+    assert cli(["bench", "--preset", "small", "--batch-size", "2", "--repeats", "1", "--peers", *tiny]) == 0
     table = capsys.readouterr().out
     assert "of matmul" in table and "tiled" in table and "locally connected maps skipped" in table
+    assert "best/unfold" in table and "conv2d" in table
+
+
+def test_unfold_peer_computes_the_layer():
+    """The benchmark's community-pattern peer is the same layer as the reference kernel (its own weight layout)."""
+    from grandmother.bench_peers import unfold_lc
+    x, w = torch.randn(2, 3, 9, 7, dtype=F64), torch.randn(3, 2, 4, 3, 4, 4, dtype=F64)  # Ho, Wo = 3, 2 at stride 2
+    wu = w.permute(2, 3, 0, 1, 4, 5).reshape(1, 4, 3, 3, 2, 16)
+    torch.testing.assert_close(unfold_lc(x, wu, 2), get_kernel("reference").encode(x, w, 2))
 
 
 def test_bench_bad_flags_are_one_line(capsys):

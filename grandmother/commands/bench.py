@@ -37,7 +37,7 @@ def cmd_bench(args) -> int:
             raise GrandmotherError(f"--kernel {bad[0]}: not available on {device.type} "
                                    f"(available: {', '.join(known)})")
         kernels = args.kernel
-    result = run_bench(cfg, device, batch, kernels, repeats=args.repeats)
+    result = run_bench(cfg, device, batch, kernels, repeats=args.repeats, peers=args.peers)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 
@@ -73,6 +73,9 @@ def register(sub):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. model.image_size=16")
     p.add_argument("--tf32", action="store_true", help="allow tf32 matmuls on CUDA")
+    p.add_argument("--peers", action="store_true",
+                   help="also time one locally connected layer per stage shape against a plain PyTorch unfold "
+                        "layer and conv2d of the same shape")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -180,7 +180,8 @@ def _step_functions(cfg, images, device):
     """(net, forward, forward_backward, train) closures over one network built with cfg.model.kernel."""
     from .model import Network
     net = Network(cfg.model, generator=torch.Generator().manual_seed(0), device=device)
-    opt = torch.optim.Adagrad(net.parameters(), lr=cfg.train.lr)
+    from .optim import build_optimizer
+    opt = build_optimizer(net.parameters(), cfg.train)  # the trainer's optimizer (train.fused_optimizer)
     x = net.prepare(images)
 
     def forward():

@@ -66,6 +66,10 @@ class ModelConfig:
     # Locally connected kernel: "auto" picks the fastest registered one for the device, "reference"
     # is the plain unfold + batched-matmul implementation (see grandmother/kernels).
     kernel: str = "auto"
+    # Pooling and LCN windows as sums of shifted slices, separably (model.window_sum): 2.3x faster than
+    # avg_pool2d / conv2d forward + backward on the 2-core CPU; equal up to the order of additions
+    # (last-bit differences), deterministic, so resumed runs stay bit-identical. False: the library ops.
+    separable_ops: bool = True
     # "sparse_ae" is the paper's model; "sigmoid_ae" is the locally connected deep autoencoder baseline
     # of Table 1 (sigmoid units, no pooling or LCN, reconstruction only).
     kind: str = "sparse_ae"
@@ -93,6 +97,10 @@ class TrainConfig:
     # Spatial model parallelism (grandmother/parallel): "" = one process; "RxC" splits one replica over an
     # R x C grid of worker processes (`--model-parallel P` is "Px1"); "RxC:w1,..:v1,.." gives unequal blocks.
     partition: str = ""
+    # PyTorch's fused (single-kernel) optimizer step: Adagrad's step 2.2x faster than the per-tensor loop
+    # on the 2-core CPU. Deterministic, and the choice is saved in the optimizer state, so a resumed run
+    # continues with the implementation it started with; last-bit differences from the loop.
+    fused_optimizer: bool = True
 
 
 @dataclass

@@ -64,8 +64,28 @@ class LocallyConnected(nn.Module):
                 f"maps={self.maps}, out={self.out_hw[0]}x{self.out_hw[1]}, kernel={self.kernel_name}")
 
 
-def l2_pool(y, size, stride, eps):
-    """sqrt(eps + sum over a size x size window of y^2), per map. H is a fixed window of ones."""
+def window_sum(x, size, stride, weights=None):
+    """Sum over size x size windows (every stride-th), per map, as two 1-D passes of shifted slices.
+
+    weights: optional 1-D taps (length size), applied in both directions (a separable window).
+    Sums of shifted views are plain elementwise adds, vectorised and cheap to differentiate; on the
+    2-core CPU they measured 2.3x faster than avg_pool2d forward + backward (docs/kernels.md).
+    """
+    H, W = x.shape[-2:]
+    Ho, Wo = (H - size) // stride + 1, (W - size) // stride + 1
+    tap = (lambda i, t: t) if weights is None else (lambda i, t: t * float(weights[i]))
+    h = sum(tap(q, x[..., q:q + stride * (Wo - 1) + 1:stride]) for q in range(size))
+    return sum(tap(p, h[..., p:p + stride * (Ho - 1) + 1:stride, :]) for p in range(size))
+
+
+def l2_pool(y, size, stride, eps, separable=False):
+    """sqrt(eps + sum over a size x size window of y^2), per map. H is a fixed window of ones.
+
+    separable=True (`model.separable_ops`): the window sum by shifted slices (window_sum), else avg_pool2d.
+    Both are deterministic; they differ only in the order of the additions (last-bit differences).
+    """
+    if separable:
+        return torch.sqrt(eps + window_sum(y * y, size, stride))
     return torch.sqrt(eps + F.avg_pool2d(y * y, size, stride) * (size * size))
 
 
@@ -85,9 +105,14 @@ class LocalContrastNorm(nn.Module):
     that remain are renormalised to sum to 1, so border statistics are averages, not shrunk towards 0.
     """
 
-    def __init__(self, maps, hw, size, sigma, c):
+    def __init__(self, maps, hw, size, sigma, c, separable=False):
         super().__init__()
-        self.size, self.c = size, c
+        self.size, self.c, self.separable = size, c, separable
+        # The 2-D Gaussian is the outer product of a 1-D one: separable=True (`model.separable_ops`) sums
+        # the maps first, then applies the 1-D taps along each axis (window_sum), instead of one conv2d.
+        r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+        taps = torch.exp(-r ** 2 / (2 * sigma ** 2))
+        self.taps = (taps / taps.sum()).tolist()
         g = gaussian_window(size, sigma) / maps
         self.register_buffer("window", g.expand(1, maps, size, size).clone().float(), persistent=False)
         ones = torch.ones(1, maps, *hw, dtype=torch.float64)
@@ -95,6 +120,10 @@ class LocalContrastNorm(nn.Module):
         self.register_buffer("norm", norm.float(), persistent=False)
 
     def _local_mean(self, x):
+        if self.separable:
+            pad = self.size // 2
+            mean_of_maps = x.mean(1, keepdim=True)
+            return window_sum(F.pad(mean_of_maps, (pad, pad, pad, pad)), self.size, 1, self.taps) / self.norm.to(x.dtype)
         w = self.window.to(x.dtype)
         return F.conv2d(x, w, padding=self.size // 2) / self.norm.to(x.dtype)
 
@@ -112,11 +141,12 @@ class Stage(nn.Module):
         self.filter = LocallyConnected(c, (h, w), stage_cfg.receptive_field, stage_cfg.stride, stage_cfg.maps,
                                        model_cfg.kernel, generator, device, tied=model_cfg.tied)
         self.pool_size, self.pool_stride, self.eps = stage_cfg.pool_size, stage_cfg.pool_stride, model_cfg.pool_eps
+        self.separable = model_cfg.separable_ops
         self.sparsity = model_cfg.sparsity
         self.lcn = None
         if model_cfg.lcn and not self.sigmoid:
             self.lcn = LocalContrastNorm(stage_cfg.maps, shape.pool[1:], stage_cfg.lcn_size, stage_cfg.lcn_sigma,
-                                         model_cfg.lcn_c)
+                                         model_cfg.lcn_c, model_cfg.separable_ops)
 
     def forward(self, x, objective=True):
         """Return (activations by sublayer name, output, {"reconstruction", "sparsity"} or None)."""
@@ -129,7 +159,7 @@ class Stage(nn.Module):
                 rec = self.filter.decode(h)
                 terms = {"reconstruction": ((rec - x) ** 2).sum() / x.shape[0], "sparsity": x.new_zeros(())}
             return acts, h, terms
-        p = l2_pool(y, self.pool_size, self.pool_stride, self.eps)
+        p = l2_pool(y, self.pool_size, self.pool_stride, self.eps, self.separable)
         acts = {"filter": y, "pool": p}
         out = p
         if self.lcn is not None:

@@ -187,21 +187,23 @@ def test_gradcheck_encode_decode(kernel, field, stride, H, W):
     assert gradcheck(lambda y, w: kern.decode(y, w, stride, (H, W)), (y, w))
 
 
+@pytest.mark.parametrize("separable", [False, True])
 @pytest.mark.parametrize("size,stride", [(2, 1), (3, 2)])
-def test_gradcheck_l2_pool(size, stride):
+def test_gradcheck_l2_pool(size, stride, separable):
     y = torch.randn(2, 3, 6, 7, dtype=F64, requires_grad=True)
     with torch.no_grad():
         y[0, 0, :3, :3] = 0.0  # an all-zero window: the sqrt is kept off zero by eps
-    assert gradcheck(lambda y: l2_pool(y, size, stride, 0.01), (y,))
+    assert gradcheck(lambda y: l2_pool(y, size, stride, 0.01, separable), (y,))
 
 
+@pytest.mark.parametrize("separable", [False, True])
 @pytest.mark.parametrize("c,branch", [(1e-4, "std"), (1e3, "c")])
-def test_gradcheck_lcn_both_branches(c, branch):
+def test_gradcheck_lcn_both_branches(c, branch, separable):
     x = torch.randn(2, 3, 5, 6, dtype=F64, requires_grad=True)
     _, std = naive_lcn(x.detach().numpy(), 3, 1.0, c)
     # Away from the kink of max(c, std): every location on the stated side.
     assert (std > 10 * c).all() if branch == "std" else (std < c / 10).all()
-    lcn = LocalContrastNorm(3, (5, 6), 3, 1.0, c).double()
+    lcn = LocalContrastNorm(3, (5, 6), 3, 1.0, c, separable).double()
     assert gradcheck(lcn, (x,))
 
 
@@ -284,23 +286,25 @@ def test_later_objectives_reach_earlier_stages_only_when_joint(mode):
 
 # ---------------------------------------------------------------- 3. pooling and LCN against naive loops
 
+@pytest.mark.parametrize("separable", [False, True])
 @pytest.mark.parametrize("size,stride,H,W", [(3, 1, 6, 7), (3, 2, 7, 8), (2, 2, 6, 6), (5, 1, 5, 9)])
-def test_l2_pool_matches_naive_loops(size, stride, H, W):
+def test_l2_pool_matches_naive_loops(size, stride, H, W, separable):
     y = torch.randn(2, 3, H, W, dtype=F64)
     expected = naive_l2_pool(y.numpy(), size, stride, 0.01)
-    got = l2_pool(y, size, stride, 0.01)
+    got = l2_pool(y, size, stride, 0.01, separable)
     assert got.shape == expected.shape
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("separable", [False, True])
 @pytest.mark.parametrize("maps,H,W,size,sigma", [(3, 6, 7, 5, 1.5), (1, 5, 4, 3, 1.0), (2, 4, 5, 9, 2.0)])
-def test_lcn_matches_naive_loops(maps, H, W, size, sigma):
+def test_lcn_matches_naive_loops(maps, H, W, size, sigma, separable):
     x = torch.randn(2, maps, H, W, dtype=F64) * 2 + 1
     _, std = naive_lcn(x.numpy(), size, sigma, 0.0)
     c = float(np.median(std))  # half the locations divide by c, half by their local std
     expected, std = naive_lcn(x.numpy(), size, sigma, c)
     assert (std > c).any() and (std < c).any()
-    got = LocalContrastNorm(maps, (H, W), size, sigma, c).double()(x)
+    got = LocalContrastNorm(maps, (H, W), size, sigma, c, separable).double()(x)
     # The module keeps its window in float32 buffers (then casts), hence 1e-6, not 1e-12; a wrong
     # window, border renormalisation or order of operations is off by far more.
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-6)

@@ -169,7 +169,7 @@ def run_bench(cfg, device: torch.device, batch_size: int, kernels: list[str] | N
     extra = {}
     if peers:  # one layer per stage shape against the unfold pattern and conv2d (grandmother/bench_peers.py)
         from .bench_peers import run_peers
-        extra["peers"] = run_peers(cfg, device, batch_size, names, mm, repeats, have)
+        extra["peers"] = run_peers(cfg, device, batch_size, names, mm, lambda fn: _time(fn, device, repeats), have)
     return {**extra, "preset": cfg.preset, "device": device_name(device), "batch_size": batch_size,
             "matmul_gflops": mm, "copy_gbs": bw, "memory_estimate_bytes": memory_estimate(cfg, batch_size, workspace[names[0]]),
             "rows": rows, "rest_of_train_step_seconds": rest,

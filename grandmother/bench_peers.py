@@ -42,10 +42,11 @@ def _fwd_bwd(fn, x, w, gy):
     return run
 
 
-def run_peers(cfg, device: torch.device, batch_size: int, kernels: list[str], matmul: float, repeats: int,
+def run_peers(cfg, device: torch.device, batch_size: int, kernels: list[str], matmul: float, timer,
               available_bytes: int) -> list[dict]:
-    """Rows {stage, shape, impl, seconds, gflops, fraction_of_matmul} (seconds None where skipped)."""
-    from .bench import _time
+    """Rows {stage, shape, impl, seconds, gflops, fraction_of_matmul} (seconds None where skipped).
+
+    timer(fn) -> seconds per call (the benchmark's own, with its warm-up and repeats)."""
     from .kernels import get_kernel
     from .shapes import stage_shapes
 
@@ -71,7 +72,7 @@ def run_peers(cfg, device: torch.device, batch_size: int, kernels: list[str], ma
         w = torch.randn(M, C, k, k, generator=gen).to(device).requires_grad_()
         impls["conv2d"] = _fwd_bwd(lambda a, b: F.conv2d(a, b, stride=st), x, w, gy)
         for name, fn in impls.items():
-            seconds = _time(fn, device, repeats) if fn is not None else None
+            seconds = timer(fn) if fn is not None else None
             gflops = flops / seconds / 1e9 if seconds else None
             rows.append({"stage": n, "shape": {"C": C, "H": H, "W": W, "k": k, "M": M, "stride": st},
                          "impl": name, "seconds": seconds, "gflops": gflops,

@@ -123,7 +123,8 @@ class LocalContrastNorm(nn.Module):
         if self.separable:
             pad = self.size // 2
             mean_of_maps = x.mean(1, keepdim=True)
-            return window_sum(F.pad(mean_of_maps, (pad, pad, pad, pad)), self.size, 1, self.taps) / self.norm.to(x.dtype)
+            padded = F.pad(mean_of_maps, (pad, pad, pad, pad))
+            return window_sum(padded, self.size, 1, self.taps) / self.norm.to(x.dtype)
         w = self.window.to(x.dtype)
         return F.conv2d(x, w, padding=self.size // 2) / self.norm.to(x.dtype)
 

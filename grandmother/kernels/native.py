@@ -139,7 +139,11 @@ class NativeKernel(RowShiftKernel):
             return super().workspace_bytes(batch, in_chw, maps, field, stride, device_type, element_size)
         c, h, w = in_chw
         ho, wo = (h - field) // stride + 1, (w - field) // stride + 1
-        return element_size * (batch + 16) * (c * h * w + ho * wo * maps)  # batch-last input and output copies
+        pad = max(1, 4 // c) - 1  # the gather's zero columns (native_lc.cpp: backward_input)
+        # batch-last input and output copies, and the weights laid out by field row (kept per calling
+        # thread between calls, so they are not page-faulted in again every call)
+        copies = (batch + 16) * (c * h * w + ho * wo * maps)
+        return element_size * (copies + ho * wo * maps * c * field * (field + 2 * pad))
 
     def _call(self, fn, a, b, out, B, C, H, W, M, k, stride, Ho, Wo):
         L = library().gm_lanes(a.element_size())

@@ -1,24 +1,26 @@
 // Native CPU locally connected kernel: forward, input gradient (a gather) and weight gradient.
 //
 // Built on first use by grandmother/kernels/native.py (g++ -O3 -march=native -fopenmp), called through
-// ctypes with raw pointers; no PyTorch headers, so it builds in seconds. Layouts (all contiguous):
+// ctypes with raw pointers; no PyTorch headers, so it builds in seconds. The entry points take and
+// return PyTorch's layouts (x (B, C, H, W), w (Ho, Wo, M, C, k, k), y (B, M, Ho, Wo), all contiguous)
+// and lay them out inside, in scratch memory kept per calling thread:
 //
-//   w   (Ho, Wo, M, C, k, k)   weights, as the model stores them
-//   xb  (H, W, C, Bp)          input, batch last, the batch padded with zeros to a multiple of the lanes
-//   yb  (Ho, Wo, M, Bp)        output (or output gradient), batch last
-//   xn  (B, H, W, C)           input, channels last, followed by at least one vector of padding
+//   xb, yb (H, W, C, Bp), (Ho, Wo, M, Bp)  batch last, the batch padded with zeros to whole vectors
+//                                          (register tile transposes: 8 x 8 float, 4 x 4 double)
+//   wt     (Ho, Wo, k, k + 2 pad, C, M)    weights by field row and column, maps innermost
+//   xr     (H, B, W, C)                    a field row's k*C entries contiguous per image
 //
-// Every product is one register-tiled loop (micro below): an MR x (NV vectors) block of results stays in
-// registers while a run of "steps" streams by; each step multiplies MR packed scalars (broadcast) by NV
-// vectors read from one row of a batch-last or channels-last array. Per location the weights are packed
-// once into a small buffer and reused for every batch tile, so they stay in L1 across the batch.
+// Every product is one register-tiled loop (micro below): a block of MR rows x NV vectors of results
+// stays in registers while a run of "steps" streams by; each step multiplies MR broadcast scalars by NV
+// vectors read from one row. A location's weights are read in the order the loop runs and stay in L1
+// while every batch tile goes by.
 //
-//   forward          per location, rows m, vectors over the batch, steps: the k field rows x k*C entries
-//                    of each row (the k row shifts fused: a field row is k*C consecutive rows of xb)
-//   backward_input   per input pixel, rows c, vectors over the batch, steps: every (location, m) whose
-//                    field covers the pixel: a gather, each result written once, no scattered adds
-//   backward_weight  per location, rows m, vectors over k*C entries of a field row (channels last),
-//                    steps: the batch
+//   forward          per location: rows m, vectors over the batch, steps: the k field rows x the k*C
+//                    entries of each (the k row shifts fused: a field row is k*C consecutive rows of xb)
+//   backward_input   per input pixel (4 neighbours when C < 4): rows (pixel, c), vectors over the batch,
+//                    steps: every (location, m) whose field covers it: a gather, each result written
+//                    once, no scattered adds
+//   backward_weight  per location: rows m, vectors over a field row's k*C entries (xr), steps: the batch
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -252,7 +254,8 @@ template <class T> void forward(const T* x, const T* w, T* y, const Shape& sh, i
     const idx C = sh.C, H = sh.H, W = sh.W, M = sh.M, k = sh.k, s = sh.s, B = sh.B, Bp = sh.Bp, kC = k * C;
     const idx nloc = sh.Ho * sh.Wo;
     const int nvec = int(Bp / L);
-    Buffer<T> xb(0, std::size_t(H) * W * C * Bp), yb(1, std::size_t(nloc) * M * Bp), wt(2, std::size_t(nloc) * k * kC * M);
+    Buffer<T> xb(0, std::size_t(H) * W * C * Bp), yb(1, std::size_t(nloc) * M * Bp);
+    Buffer<T> wt(2, std::size_t(nloc) * k * kC * M);
     to_batch_last(x, xb.p, B, Bp, C, H * W, threads);
     weights_by_field(w, wt.p, sh, 0, threads);
     std::vector<std::vector<int>> btiles(5);
@@ -293,7 +296,8 @@ template <class T> void backward_input(const T* gy, const T* w, T* gx, const Sha
     // with few channels each output-gradient vector read still feeds up to 4 rows.
     const idx PX = std::max<idx>(1, 4 / C), pad = PX - 1, kq = k + 2 * pad;
     const idx span = ((k + s - 1) / s) * ((k + PX - 1 + s - 1) / s + 1);
-    Buffer<T> yb(0, std::size_t(nloc) * M * Bp), xb(1, std::size_t(H) * W * C * Bp), wt(2, std::size_t(nloc) * k * kq * C * M);
+    Buffer<T> yb(0, std::size_t(nloc) * M * Bp), xb(1, std::size_t(H) * W * C * Bp);
+    Buffer<T> wt(2, std::size_t(nloc) * k * kq * C * M);
     to_batch_last(gy, yb.p, B, Bp, M, nloc, threads);
     weights_by_field(w, wt.p, sh, pad, threads);
     std::vector<std::vector<int>> btiles(5);
@@ -390,34 +394,40 @@ template <class T> void backward_weight(const T* x, const T* gy, T* gw, const Sh
     }
 }
 
+template <class T> using Op = void (*)(const T*, const T*, T*, const Shape&, int);
+
+// dims: Bp, B, C, H, W, M, k, stride, Ho, Wo.  element_size 4 (float32) or 8 (float64); 1 for any other.
+template <Op<float> F32, Op<double> F64>
+int dispatch(int element_size, const void* a, const void* b, void* out, const std::int64_t* d, int threads) {
+    const Shape sh{d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9]};
+    if (element_size == 4)
+        F32(static_cast<const float*>(a), static_cast<const float*>(b), static_cast<float*>(out), sh, threads);
+    else if (element_size == 8)
+        F64(static_cast<const double*>(a), static_cast<const double*>(b), static_cast<double*>(out), sh, threads);
+    else
+        return 1;
+    return 0;
+}
+
 }  // namespace
 
 extern "C" {
 
 int gm_lanes(int element_size) { return GM_VBYTES / element_size; }
 
-// dims: Bp, B, C, H, W, M, k, stride, Ho, Wo.  element_size 4 (float32) or 8 (float64).
-#define GM_SHAPE(d) Shape{d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9]}
-
-int gm_forward(int element_size, const void* x, const void* w, void* y, const std::int64_t* d, int threads) {
-    if (element_size == 4) forward(static_cast<const float*>(x), static_cast<const float*>(w), static_cast<float*>(y), GM_SHAPE(d), threads);
-    else if (element_size == 8) forward(static_cast<const double*>(x), static_cast<const double*>(w), static_cast<double*>(y), GM_SHAPE(d), threads);
-    else return 1;
-    return 0;
+// x (B, C, H, W), w (Ho, Wo, M, C, k, k) -> y (B, M, Ho, Wo)
+int gm_forward(int es, const void* x, const void* w, void* y, const std::int64_t* d, int threads) {
+    return dispatch<forward<float>, forward<double>>(es, x, w, y, d, threads);
 }
 
-int gm_backward_input(int element_size, const void* gy, const void* w, void* gx, const std::int64_t* d, int threads) {
-    if (element_size == 4) backward_input(static_cast<const float*>(gy), static_cast<const float*>(w), static_cast<float*>(gx), GM_SHAPE(d), threads);
-    else if (element_size == 8) backward_input(static_cast<const double*>(gy), static_cast<const double*>(w), static_cast<double*>(gx), GM_SHAPE(d), threads);
-    else return 1;
-    return 0;
+// gy (B, M, Ho, Wo), w -> gx (B, C, H, W)
+int gm_backward_input(int es, const void* gy, const void* w, void* gx, const std::int64_t* d, int threads) {
+    return dispatch<backward_input<float>, backward_input<double>>(es, gy, w, gx, d, threads);
 }
 
-int gm_backward_weight(int element_size, const void* x, const void* gy, void* gw, const std::int64_t* d, int threads) {
-    if (element_size == 4) backward_weight(static_cast<const float*>(x), static_cast<const float*>(gy), static_cast<float*>(gw), GM_SHAPE(d), threads);
-    else if (element_size == 8) backward_weight(static_cast<const double*>(x), static_cast<const double*>(gy), static_cast<double*>(gw), GM_SHAPE(d), threads);
-    else return 1;
-    return 0;
+// x (B, C, H, W), gy (B, M, Ho, Wo) -> gw (Ho, Wo, M, C, k, k)
+int gm_backward_weight(int es, const void* x, const void* gy, void* gw, const std::int64_t* d, int threads) {
+    return dispatch<backward_weight<float>, backward_weight<double>>(es, x, gy, gw, d, threads);
 }
 
 }  // extern "C"

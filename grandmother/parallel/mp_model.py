@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import get_kernel
-from ..model import LocalContrastNorm, Network, NetworkOutput, l2_pool, prepare_images
+from ..model import LocalContrastNorm, Network, NetworkOutput, l2_pool, prepare_images, window_sum
 from ..shapes import stage_shapes
 from .halo import gather, scatter_add
 from .partition import Partition, Rect, StagePlan, exchange, plan_stages
@@ -55,6 +55,7 @@ class LocalStage(nn.Module):
         self.tied = model_cfg.tied  # decode with W1 (the decoder parameter is then unused, as in Network)
         self.sigmoid = not plan.pooled
         self.eps, self.sparsity = model_cfg.pool_eps, model_cfg.sparsity
+        self.separable = model_cfg.separable_ops  # the same pooling and LCN arithmetic as the single process
         self.ex_input = exchange(plan.input_own, plan.input_need, rank, f"stage{i}.input")
         # The same rectangles, used backwards: partial reconstructions summed at the pixels' owners.
         self.ex_rec = exchange(plan.input_own, plan.input_need, rank, f"stage{i}.reconstruction")
@@ -73,6 +74,7 @@ class LocalStage(nn.Module):
             norm = F.pad(lcn.norm, (r, r, r, r), value=1.0)[..., rows, cols]
             mask = F.pad(torch.ones_like(lcn.norm), (r, r, r, r))[..., rows, cols]
             self.register_buffer("window", lcn.window.clone(), persistent=False)
+            self.lcn_size, self.taps = stage_cfg.lcn_size, lcn.taps
             self.register_buffer("norm_mid", norm.contiguous(), persistent=False)
             self.register_buffer("mask_mid", mask.contiguous(), persistent=False)
             self.register_buffer("norm_own", lcn.norm[..., o.r0:o.r1, o.c0:o.c1].contiguous(), persistent=False)
@@ -81,6 +83,12 @@ class LocalStage(nn.Module):
     def kernel(self):
         return get_kernel(self.kernel_name, self.filter.encoder.device)
 
+    def _window(self, t):
+        """The LCN window's weighted sum at every valid position of t (already padded by its radius)."""
+        if self.separable:  # as LocalContrastNorm._local_mean with model.separable_ops: maps averaged first
+            return window_sum(t.mean(1, keepdim=True), self.lcn_size, 1, self.taps)
+        return F.conv2d(t, self.window.to(t.dtype))
+
     def _lcn(self, p_own):
         plan, r = self.plan, self.plan.lcn_radius
         own, need = plan.output_own[self.rank], plan.pool_need[self.rank]
@@ -88,10 +96,9 @@ class LocalStage(nn.Module):
         full = own.grow(2 * r, 2 * r)  # the rectangle the windows reach, unclipped: zeros outside the layer
         pe = F.pad(p_need, (need.c0 - full.c0, full.c1 - need.c1, need.r0 - full.r0, full.r1 - need.r1))
         dt = p_own.dtype
-        w = self.window.to(dt)
-        mean = F.conv2d(pe, w) / self.norm_mid.to(dt)  # the subtractive step on own grown by r
+        mean = self._window(pe) / self.norm_mid.to(dt)  # the subtractive step on own grown by r
         v = (pe[..., r:pe.shape[-2] - r, r:pe.shape[-1] - r] - mean) * self.mask_mid.to(dt)
-        sigma = torch.sqrt(F.conv2d(v * v, w) / self.norm_own.to(dt))
+        sigma = torch.sqrt(self._window(v * v) / self.norm_own.to(dt))
         return v[..., r:v.shape[-2] - r, r:v.shape[-1] - r] / torch.clamp(sigma, min=self.lcn_c)
 
     def forward(self, x_own, x_need=None, objective=True):
@@ -110,7 +117,8 @@ class LocalStage(nn.Module):
                 rec = scatter_add(kern.decode(h, w2, s, (need.h, need.w)), self.ex_rec, self.group)
                 terms = {"reconstruction": ((rec - x_own) ** 2).sum() / batch, "sparsity": x_own.new_zeros(())}
             return {"filter": h}, h, terms
-        p = l2_pool(gather(y, self.ex_filter, self.group), self.plan.pool_size, self.plan.pool_stride, self.eps)
+        p = l2_pool(gather(y, self.ex_filter, self.group), self.plan.pool_size, self.plan.pool_stride, self.eps,
+                    self.separable)
         acts, out = {"filter": y, "pool": p}, p
         if self.lcn_c is not None:
             out = acts["lcn"] = self._lcn(p)

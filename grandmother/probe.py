@@ -29,6 +29,7 @@ import torch
 
 from .errors import GrandmotherError
 from .io import atomic_write_json
+from .probe_heldout import HeldoutSettings, heldout_probe
 from .probe_protocol import check_labels, fingerprint_of, run_protocol
 from .units import Unit, unit_activation, unit_from_index
 
@@ -192,8 +193,9 @@ def _best_of_run(run_dir, dataset, labels, testset, device, cache_dir, name, bat
 def run_probe(run_dir, testset_dir, out_dir, *, ablation=None, autoencoders=(), linear_filters=100_000,
               train_data=None, kmeans_train=None, kmeans_centroids=100, random_weights=True, batch_size=256,
               device="cpu", concept=None, command=None, progress=False, dataset=None, labels=None,
-              on_batch=None) -> dict:
-    """Probe RUN_DIR on TEST_DIR (or on `dataset`/`labels` given directly) and write OUT_DIR/probe.json."""
+              on_batch=None, heldout=HeldoutSettings()) -> dict:
+    """Probe RUN_DIR on TEST_DIR (or on `dataset`/`labels` given directly) and write OUT_DIR/probe.json.
+    `heldout` (None: skip) are the settings of the held-out entry (probe_heldout.py)."""
     from .checkpoint import load_run
     from .model import build_network
     out_dir, run_dir = Path(out_dir), Path(run_dir)
@@ -224,6 +226,7 @@ def run_probe(run_dir, testset_dir, out_dir, *, ablation=None, autoencoders=(), 
                              fingerprint_of(random_seed=cfg.train.seed, model=repr(cfg.model), **base), batch_size,
                              progress=show("random weights"))
         baselines["random_weights"] = float(rres["best_accuracy"].max())
+    templates = None
     if linear_filters:
         data = train_data or meta.get("data")
         if not data or not Path(data).exists():
@@ -251,6 +254,12 @@ def run_probe(run_dir, testset_dir, out_dir, *, ablation=None, autoencoders=(), 
             dict(data=str(Path(kmeans_train).resolve()), centroids=len(cents), **base), batch_size,
             progress=show("k-means"))
 
+    # ============ held out: chosen on the selection half, scored on the evaluation half ============
+    held = None
+    if heldout is not None:
+        held = heldout_probe(net, dataset, labels, device, cfg=cfg if random_weights else None, templates=templates,
+                             st=heldout, batch_size=batch_size, progress=(print if progress else None))
+
     # ============ the best unit's activations, for the histogram ============
     best = Unit.parse(summary["best"]["unit"])
     with torch.no_grad():
@@ -262,7 +271,7 @@ def run_probe(run_dir, testset_dir, out_dir, *, ablation=None, autoencoders=(), 
 
     result = {"run": str(run_dir), "testset": str(testset_dir), "concept": concept, "checkpoint_step": meta.get("step"),
               "n_images": n, "n_positive": n_pos, "thresholds": "20 = linspace(min, max), both included",
-              **summary, "baselines": baselines,
+              **summary, "baselines": baselines, **({"heldout": held} if held is not None else {}),
               "commands": [command or " ".join(shlex.quote(a) for a in ["grandmother", *sys.argv[1:]])]}
     atomic_write_json(out_dir / "probe.json", result)
     return result
@@ -275,4 +284,31 @@ def format_table(result: dict) -> str:
     lines = [f"{'':{width}}  accuracy"] + [f"{k:{width}}  {100 * v:6.1f}%" for k, v in rows]
     lines.append(f"threshold of the best unit: {result['best']['threshold']:.4g}  "
                  f"({result['n_images']} images, {result['n_positive']} positive)")
+    ho = result.get("heldout")
+    if ho:
+        lines.append("")
+        lines.append(heldout_table(ho))
+    return "\n".join(lines)
+
+
+def heldout_table(ho: dict) -> str:
+    """Plain-text table of the held-out entry: evaluation-half accuracy and 95% interval of each row."""
+    pr, base = ho["protocol"], ho["baselines"]
+    rows = [(f"best unit {ho['best']['unit']}", ho["best"]), (f"top stage {ho['top_stage']['unit']}", ho["top_stage"])]
+    rw = base.get("random_weights")
+    if rw:
+        rows.append((f"random weights, mean of {len(rw['seeds'])}", {"evaluation_accuracy": rw["mean"], "ci95": rw["ci95_mean"]}))
+        rows.append((f"random weights, best of {len(rw['seeds'])}", {"evaluation_accuracy": rw["best"], "ci95": rw["ci95_best"]}))
+    for key in ("linear_filter", "first_stage"):
+        if key in base:
+            rows.append((key.replace("_", " "), base[key]))
+    rows += [(f"cue: {k}", v) for k, v in base["trivial_cues"].items()]
+    rows.append(("majority guess", base["random_guess"]))
+    width = max(len(r[0]) for r in rows)
+    head = (f"held out: chosen on {pr['selection']['images']} images, scored on {pr['evaluation']['images']} "
+            f"(direction {pr['direction']}, split seed {pr['seed']})")
+    lines = [head, f"{'':{width}}  evaluation  95% interval"]
+    for name, r in rows:
+        lo, hi = r["ci95"]
+        lines.append(f"{name:{width}}  {100 * r['evaluation_accuracy']:9.1f}%  [{100 * lo:.1f}, {100 * hi:.1f}]")
     return "\n".join(lines)

@@ -325,6 +325,112 @@ def section_table1(probes: list[tuple[Path, dict]]) -> str:
     return "\n".join(parts)
 
 
+def _pct(v) -> str:
+    """A fraction from a results file as a percentage with one decimal; anything else escaped."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "&mdash;" if v is None else html.escape(str(v))
+    return f"{100 * v:.1f}"
+
+
+def _ci(ci) -> str:
+    if not (isinstance(ci, (list, tuple)) and len(ci) == 2):
+        return ""
+    return f" [{_pct(ci[0])}, {_pct(ci[1])}]"
+
+
+def _auc(v) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "&mdash;"
+
+
+def _heldout_rows(ho: dict) -> list[tuple[str, dict, list | None]]:
+    """(label, record, paired difference "best unit minus this row") of the held-out table."""
+    base = ho.get("baselines") if isinstance(ho.get("baselines"), dict) else {}
+    diff = (ho.get("differences") or {}).get("best_minus") or {}
+    rows = [("best unit (chosen on selection)", ho.get("best") or {}, None),
+             ("best top-stage unit", ho.get("top_stage") or {}, None)]
+    rw = base.get("random_weights")
+    if isinstance(rw, dict):
+        n = len(rw.get("seeds") or [])
+        rows.append((f"random weights, mean of {n} seeds", {"evaluation_accuracy": rw.get("mean"),
+                                                           "ci95": rw.get("ci95_mean")}, diff.get("random_weights_mean")))
+        rows.append((f"random weights, best of {n} seeds (seed {rw.get('best_seed')})",
+                     {"evaluation_accuracy": rw.get("best"), "ci95": rw.get("ci95_best"), "unit": rw.get("unit")},
+                     diff.get("random_weights_best")))
+    for key, label in (("linear_filter", "best linear filter"), ("first_stage", "best first-stage unit")):
+        if isinstance(base.get(key), dict):
+            rows.append((label, base[key], diff.get(key)))
+    cues = base.get("trivial_cues") if isinstance(base.get("trivial_cues"), dict) else {}
+    chosen = (base.get("best_trivial_cue") or {}).get("cue")
+    for k, rec in cues.items():
+        if isinstance(rec, dict):
+            rows.append((f"trivial cue: {k}" + (" (chosen on selection)" if k == chosen else ""), rec,
+                         diff.get("best_trivial_cue") if k == chosen else None))
+    if isinstance(base.get("random_guess"), dict):
+        rows.append(("majority guess", base["random_guess"], diff.get("random_guess")))
+    return rows
+
+
+def section_heldout(probes: list[tuple[Path, dict]]) -> str:
+    """The honest numbers: chosen on the selection half, scored on the evaluation half, with intervals."""
+    parts = []
+    for d, p in probes:
+        ho = p.get("heldout")
+        if not isinstance(ho, dict):
+            continue
+        pr = ho.get("protocol") if isinstance(ho.get("protocol"), dict) else {}
+        sel, ev = pr.get("selection") or {}, pr.get("evaluation") or {}
+        boot = pr.get("bootstrap") or {}
+        parts.append(f"<h2>Held-out evaluation: {html.escape(concept_name(p, d))}</h2>")
+        parts.append(
+            f'<p class="note">Units, thresholds and directions are chosen on the selection half '
+            f'({html.escape(str(sel.get("images", "?")))} images, {html.escape(str(sel.get("positives", "?")))} '
+            f'positive) and scored on the evaluation half ({html.escape(str(ev.get("images", "?")))} images, '
+            f'{html.escape(str(ev.get("positives", "?")))} positive); split seed {html.escape(str(pr.get("seed")))}, '
+            f'{html.escape(str(pr.get("rule", "")))}; identities: {html.escape(str(pr.get("identities", "?")))}. '
+            f'Direction: {html.escape(str(pr.get("direction", "?")))}; thresholds: '
+            f'{html.escape(str(pr.get("thresholds", "?")))}. Intervals: 95% percentile bootstrap, '
+            f'{html.escape(str(boot.get("resamples", "?")))} resamples of the '
+            f'{html.escape(str(boot.get("resampled", "evaluation half")))}; the difference column is paired '
+            f'(the same resamples). "Same set" is the paper\'s protocol: every unit and threshold chosen and '
+            f'scored on all images, positive direction only.</p>')
+        body = []
+        for label, rec, dif in _heldout_rows(ho):
+            rec = rec if isinstance(rec, dict) else {}
+            unit = rec.get("unit")
+            body.append(f"<tr><th>{html.escape(label)}</th><td>{html.escape(str(unit)) if unit is not None else ''}</td>"
+                        f"<td><b>{_pct(rec.get('evaluation_accuracy'))}</b>{_ci(rec.get('ci95'))}</td>"
+                        f"<td>{_pct(rec.get('selection_accuracy'))}</td><td>{_auc(rec.get('auc_evaluation'))}</td>"
+                        f"<td>{html.escape(str(rec.get('direction', '')))}</td>"
+                        f"<td>{_pct(rec.get('same_set_accuracy'))}</td>"
+                        f"<td>{(_pct(dif[0]) + ' to ' + _pct(dif[1])) if isinstance(dif, list) and len(dif) == 2 else ''}</td></tr>")
+        parts.append("<table><tr><th>row</th><th>unit</th><th>evaluation accuracy % [95% CI]</th>"
+                     "<th>selection %</th><th>AUC (evaluation)</th><th>direction</th><th>same set % (paper)</th>"
+                     "<th>best unit minus row, 95% CI (points)</th></tr>" + "".join(body) + "</table>")
+        stages = [r for r in (ho.get("per_stage") or []) if isinstance(r, dict)]
+        if stages:
+            rows = []
+            for r in stages:
+                t = r.get("trained") if isinstance(r.get("trained"), dict) else {}
+                rnd = r.get("random") if isinstance(r.get("random"), dict) else {}
+                ta = r.get("trained_auc") if isinstance(r.get("trained_auc"), dict) else {}
+                where = f"stage {r.get('stage')}" + (f" {r['sublayer']}" if r.get("sublayer") else " (all)")
+                rows.append(f"<tr><th>{html.escape(where)}</th><td>{html.escape(str(t.get('unit', '')))}</td>"
+                            f"<td><b>{_pct(t.get('evaluation_accuracy'))}</b>{_ci(t.get('ci95'))}</td>"
+                            f"<td>{_pct(rnd.get('mean'))}</td><td>{_pct(rnd.get('best'))}{_ci(rnd.get('ci95_best'))}</td>"
+                            f"<td>{_auc(ta.get('auc_evaluation'))} {html.escape(str(ta.get('direction', '')))}</td>"
+                            f"<td>{_auc(rnd.get('auc_mean'))} / {_auc(rnd.get('auc_best'))}</td>"
+                            f"<td>{_pct(t.get('same_set_accuracy'))}</td></tr>")
+            parts.append("<h3>Where information is gained or lost: best unit per stage and sublayer</h3>"
+                         "<table><tr><th>stage, sublayer</th><th>trained: unit</th><th>trained: evaluation % [CI]</th>"
+                         "<th>random: mean %</th><th>random: best % [CI]</th><th>trained: AUC (unit chosen on "
+                         "selection)</th><th>random AUC: mean / best</th><th>trained: same set %</th></tr>"
+                         + "".join(rows) + "</table>")
+            parts.append('<p class="note">Each row\'s unit is chosen on the selection half among that stage\'s '
+                         '(or sublayer\'s) units; random weights: the same choice in each random network. AUC is '
+                         'the evaluation-half AUC of the unit with the best selection-half AUC, in its direction.</p>')
+    return "\n".join(parts)
+
+
 def section_visualize(items: list[tuple[Path, dict]]) -> str:
     parts = []
     for d, v in items:
@@ -414,7 +520,7 @@ def build_report(run_dir: Path, out: Path, probes=None, visualize=None, invarian
             f'<p class="note">Run directory {html.escape(str(run_dir.resolve()))}; written '
             f'{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC. Le et al., "Building High-level Features '
             f'Using Large Scale Unsupervised Learning", ICML 2012.</p>',
-            section_table1(found["probe"]), training, section_visualize(found["visualize"]),
+            section_table1(found["probe"]), section_heldout(found["probe"]), training, section_visualize(found["visualize"]),
             section_invariance(found["invariance"]), section_classify(found["classify"]),
             "<h2>Commands that produced these results</h2>", commands_html(commands)]
     page = (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

@@ -20,7 +20,18 @@ Choices (the paper gives only the ratio, 13,026 faces among 37,000 images):
 - Size: `--count` images in all; by default the largest set the sources allow at `--positive-fraction`
   (the larger side is subsampled to keep the ratio).
 - Positives and negatives go through the same decoding, colour conversion and resize (data.fit_image);
-  images are shuffled together (seeded). A one-line warning is printed when every positive is gray but
+  images are shuffled together (seeded).
+- Trivial cues. LFW against object photos leaves low-level cues (brightness, contrast, a bright centre,
+  edge density) that a single threshold exploits. Two options reduce them; the cue scores of the set
+  (heldout.trivial_cues, scored with the held-out protocol) are stored in index.json ("trivial_cues") and
+  printed. `--histogram-match` (default on; `--no-histogram-match` turns it off) gives every image the
+  same grey-level histogram: the mean, over all images of the set, of each image's sorted pixel values
+  (per channel; tied pixels share the mean of their ranks' target values). Mean brightness and contrast
+  then carry no label, and the network (which standardises each image anyway) loses nothing else.
+  `--negative-crop F` makes each distractor a square crop of side F x its shorter side at a seeded random
+  position (default: off, the whole photo), so that distractors show scenes at a closer scale than
+  their whole frame, as a face fills the middle of an LFW frame. docs/probing.md gives the measured cue
+  scores behind these defaults. A one-line warning is printed when every positive is gray but
   --color rgb was asked: a neuron could then win by detecting "no colour".
 """
 from __future__ import annotations
@@ -94,30 +105,72 @@ def plan_testset(positive: list[str], negative: list[str], positive_fraction: fl
     return chosen_pos, chosen_neg, sorted(test_ids), sorted(excluded), identity
 
 
+def histogram_target(images: np.ndarray) -> np.ndarray:
+    """(H*W, C) float64: the mean over images (N, H, W, C) of each image's sorted pixel values, per channel."""
+    x = np.asarray(images).reshape(len(images), -1, images.shape[-1])
+    return np.sort(x, axis=1).mean(0)
+
+
+def match_histogram(image: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """One uint8 image (H, W, C) given the grey-level distribution `target` (H*W, C), per channel: the
+    pixel of rank r gets target[r]; tied pixels share the mean of their ranks' target values."""
+    h, w, c = image.shape
+    out = np.empty((h * w, c), np.float64)
+    flat = image.reshape(-1, c)
+    for ch in range(c):
+        vals, inv, counts = np.unique(flat[:, ch], return_inverse=True, return_counts=True)
+        ends = np.cumsum(counts)
+        cs = np.concatenate([[0.0], np.cumsum(target[:, ch])])
+        out[:, ch] = ((cs[ends] - cs[ends - counts]) / counts)[inv.ravel()]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(h, w, c)
+
+
+def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A size x size window of image (H, W, C) at a uniformly random position."""
+    y = int(rng.integers(0, image.shape[0] - size + 1))
+    x = int(rng.integers(0, image.shape[1] - size + 1))
+    return image[y:y + size, x:x + size]
+
+
+def cue_scores(images: np.ndarray, labels: np.ndarray, identities, seed: int = 0) -> dict:
+    """Held-out scores of the trivial cues (heldout.py) on images (N, H, W, C): {cue: record}."""
+    from . import heldout as H
+    split = H.split_halves(labels, identities, seed=seed)
+    cues = H.trivial_cues(np.asarray(images).transpose(0, 3, 1, 2))
+    return {k: H.public(r) for k, r in H.score_cues(cues, labels, split, groups=identities).items()}
+
+
 def build_testset(positive: list[str], negative: list[str], out: Path, positive_fraction: float = PAPER_POSITIVE_FRACTION,
                   size: int = 200, color: str = "rgb", seed: int = 0, count: int | None = None,
-                  group_by: str = "folder", workers: int = 1, overwrite: bool = False, progress: bool = True) -> dict:
+                  group_by: str = "folder", workers: int = 1, overwrite: bool = False, progress: bool = True,
+                  histogram_match: bool = True, negative_crop: float | None = None) -> dict:
     if color not in COLORS:
         raise GrandmotherError(f"--color {color!r}: choose rgb or gray")
     if size < 8:
         raise GrandmotherError(f"--size {size}: too small")
+    if negative_crop is not None and not 0 < negative_crop <= 1:
+        raise GrandmotherError(f"--negative-crop {negative_crop}: a fraction of the photo's shorter side, in (0, 1]")
     channels = COLORS[color]
     pos, neg, test_ids, excluded, identity = plan_testset(positive, negative, positive_fraction, count, seed, group_by)
 
     # ============ decode everything the same way ============
     files = [(p, 1) for p in pos] + [(p, 0) for p in neg]
-    tasks = [(str(p), p.name, media_kind(p), 1, seed, size, channels) for p, _ in files]
+    # A crop of side F x the shorter side, at `size` pixels: decode at size / F, then cut a size x size window.
+    neg_size = size if negative_crop is None else max(size, int(round(size / negative_crop)))
+    tasks = [(str(p), p.name, media_kind(p), 1, seed, size if label else neg_size, channels) for p, label in files]
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             results = list(_progress(pool.imap(decode_unit, tasks, chunksize=8), len(tasks), progress))
     else:
         results = list(_progress(map(decode_unit, tasks), len(tasks), progress))
     images, items, skipped = [], [], []
+    crop_rng = np.random.default_rng([seed, 2])
     for (p, label), res in zip(files, results):
         if res["error"] is not None:
             skipped.append({"path": str(p), "reason": res["error"]})
             continue
-        images.append(res["images"][0])
+        img = res["images"][0]
+        images.append(random_crop(img, size, crop_rng) if img.shape[0] != size else img)
         item = {"path": str(p), "label": label}
         if res["frames"][0] is not None:
             item["frame"] = res["frames"][0]
@@ -133,11 +186,16 @@ def build_testset(positive: list[str], negative: list[str], out: Path, positive_
             print("warning: every positive image is gray but --color rgb was asked; a neuron can win by "
                   "detecting 'no colour' (use --color gray)")
 
-    # ============ shuffle together, write ============
+    # ============ fewer trivial cues; shuffle together ============
+    images = np.stack(images)
+    if histogram_match:
+        target = histogram_target(images)
+        images = np.stack([match_histogram(a, target) for a in images])
     order = np.random.default_rng(seed + 1).permutation(len(images))
-    images = np.stack(images)[order]
+    images = images[order]
     items = [items[i] for i in order]
     labels = labels[order]
+    cues = cue_scores(images, labels, [it.get("identity") for it in items]) if 0 < labels.sum() < len(labels) else {}
 
     def extra(work: Path):
         np.save(work / "labels.npy", labels)
@@ -148,7 +206,8 @@ def build_testset(positive: list[str], negative: list[str], out: Path, positive_
              "positive_fraction_asked": positive_fraction, "seed": seed, "group_by": group_by,
              "positive_sources": [str(s) for s in positive], "negative_sources": [str(s) for s in negative],
              "test_identities": test_ids, "excluded_file": "excluded.txt", "excluded_count": len(excluded),
-             "skipped": skipped, "duplicates": 0}
+             "skipped": skipped, "duplicates": 0, "histogram_match": bool(histogram_match),
+             "negative_crop": negative_crop, "trivial_cues": cues}
     return write_dataset(out, blocks, size, channels, index, overwrite=overwrite, extra_files=extra)
 
 

@@ -270,13 +270,14 @@ def first_stage_filters(net, tile: int = 40) -> np.ndarray:
 # ---------------------------------------------------------------- the command
 
 def unit_from_probe(probe_dir: Path) -> tuple[str, float | None, str | None]:
-    """(best unit id, its threshold, concept) from PROBE_DIR/probe.json."""
+    """(best unit id, its threshold, concept) from PROBE_DIR/probe.json: the held-out best unit (chosen on the
+    selection half) when the probe has one, else the best unit of the paper's same-set protocol."""
     path = Path(probe_dir) / "probe.json"
     if not path.is_file():
         raise GrandmotherError(f"--probe {probe_dir}: no probe.json there; run `grandmother probe` first")
     try:
         data = json.loads(path.read_text())
-        best = data["best"]
+        best = data["heldout"]["best"] if isinstance(data.get("heldout"), dict) else data["best"]
         return str(best["unit"]), best.get("threshold"), data.get("concept")
     except (ValueError, KeyError, TypeError) as e:
         raise GrandmotherError(f"{path}: not a probe result ({e})") from None

@@ -299,10 +299,75 @@ def test_testset_never_puts_one_person_on_both_sides(tmp_path, capsys):
     assert train["images"] + train["excluded"] == sum(people.values())
 
     # every image went through the same conversion: gray positives stay gray in an rgb test set, and
-    # an image equals fit_image of its file
-    k = 0
-    with Image.open(ds.items()[k]["path"]) as im:
-        np.testing.assert_array_equal(ds.get_array([k])[0], fit_image(im, 32, 3))
+    # an image equals fit_image of its file given the set's common histogram (the default)
+    from grandmother.testset import histogram_target, match_histogram
+    raw = []
+    for it in ds.items():
+        with Image.open(it["path"]) as im:
+            raw.append(fit_image(im, 32, 3))
+    target = histogram_target(np.stack(raw))
+    for k in (0, 1, 2):
+        np.testing.assert_array_equal(ds.get_array([k])[0], match_histogram(raw[k], target))
+    assert meta["histogram_match"] and set(meta["trivial_cues"]) == {"mean", "contrast", "centre_minus_surround",
+                                                                      "gradient_energy"}
+    plain = build_testset([str(tmp_path / "lfw")], [str(neg)], tmp_path / "t0", size=32, color="rgb", seed=2,
+                          workers=1, progress=False, histogram_match=False)
+    assert not plain["histogram_match"]
+    ds0, _, _ = open_testset(tmp_path / "t0")
+    with Image.open(ds0.items()[0]["path"]) as im:
+        np.testing.assert_array_equal(ds0.get_array([0])[0], fit_image(im, 32, 3))
+
+
+def test_histogram_matching_hand_computed():
+    from grandmother.testset import histogram_target, match_histogram
+    a = np.array([[10, 20], [30, 40]], np.uint8)[:, :, None]
+    b = np.array([[0, 0], [100, 200]], np.uint8)[:, :, None]
+    target = histogram_target(np.stack([a, b]))
+    # sorted values (10, 20, 30, 40) and (0, 0, 100, 200): their mean is (5, 10, 65, 120)
+    np.testing.assert_allclose(target[:, 0], [5, 10, 65, 120])
+    np.testing.assert_array_equal(match_histogram(a, target)[:, :, 0], [[5, 10], [65, 120]])
+    # b's two tied zeros share the mean of ranks 0 and 1 (7.5, rounded to 8)
+    np.testing.assert_array_equal(match_histogram(b, target)[:, :, 0], [[8, 8], [65, 120]])
+    # every matched image then has the same mean and contrast, whatever it started with
+    rng = np.random.default_rng(0)
+    imgs = np.stack([np.clip(rng.normal(m, s, (16, 16, 1)), 0, 255).astype(np.uint8)
+                     for m, s in ((40, 5), (200, 30), (120, 60))])
+    t = histogram_target(imgs)
+    out = np.stack([match_histogram(im, t) for im in imgs]).astype(float)
+    assert np.ptp(out.mean((1, 2, 3))) < 1 and np.ptp(out.std((1, 2, 3))) < 1
+
+
+def test_testset_removes_brightness_cue_and_crops_distractors(tmp_path, capsys):
+    # Positives bright, distractors dark: mean brightness decides the plain set; histogram matching removes it.
+    rng = np.random.default_rng(1)
+    pos, neg = tmp_path / "pos", tmp_path / "neg"
+    pos.mkdir(), neg.mkdir()
+    for i in range(40):
+        Image.fromarray(np.clip(rng.normal(170, 25, (24, 24)), 0, 255).astype(np.uint8)).save(pos / f"p{i}.png")
+        Image.fromarray(np.clip(rng.normal(80, 25, (60, 90)), 0, 255).astype(np.uint8)).save(neg / f"n{i}.png")
+    args = ["testset", "--positive", str(pos), "--negative", str(neg), "--size", "16", "--color", "gray",
+            "--positive-fraction", "0.5", "--workers", "1", "--quiet"]
+    assert cli_main(args + ["--out", str(tmp_path / "plain"), "--no-histogram-match"]) == 0
+    printed = capsys.readouterr().out
+    assert "trivial cues" in printed and "histogram matching off" in printed
+    plain = json.loads((tmp_path / "plain" / "index.json").read_text())["trivial_cues"]
+    assert plain["mean"]["evaluation_accuracy"] >= 0.95
+    line = next(ln for ln in printed.splitlines() if ln.strip().startswith("mean"))
+    assert f"{100 * plain['mean']['evaluation_accuracy']:5.1f}%" in line
+    assert cli_main(args + ["--out", str(tmp_path / "matched"), "--negative-crop", "0.5"]) == 0
+    matched = json.loads((tmp_path / "matched" / "index.json").read_text())
+    assert matched["negative_crop"] == 0.5 and matched["histogram_match"]
+    assert matched["trivial_cues"]["mean"]["evaluation_accuracy"] <= 0.7
+    assert matched["trivial_cues"]["contrast"]["evaluation_accuracy"] <= 0.7
+    # a crop of half the shorter side (30 of 60 px) at 16 px: decoded at 32, a 16x16 window of it
+    from grandmother.testset import random_crop
+    img = np.arange(32 * 32).reshape(32, 32, 1)
+    w = random_crop(img, 16, np.random.default_rng(0))
+    y, x = divmod(int(w[0, 0, 0]), 32)
+    np.testing.assert_array_equal(w, img[y:y + 16, x:x + 16])
+    assert cli_main(args + ["--out", str(tmp_path / "bad"), "--negative-crop", "1.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--negative-crop 1.5" in err and "\n" not in err
 
 
 def test_testset_on_real_lfw_splits_by_person(shared_data, tmp_path):

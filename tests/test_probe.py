@@ -147,8 +147,28 @@ def test_run_probe_writes_json_and_resumes_from_cache(tmp_path, monkeypatch):
     assert len(out["top"]) == 20 and out["top"][0] == out["best"]
     acts = np.load(tmp_path / "probe" / "best_unit_activations.npy")
     assert acts.shape == (120,)
+    # probe.json carries the held-out entry: split protocol, intervals, random seeds, cues, per-stage table
+    ho = out["heldout"]
+    assert ho["protocol"]["selection"]["images"] + ho["protocol"]["evaluation"]["images"] == 120
+    assert ho["protocol"]["direction"] == "either" and ho["protocol"]["bootstrap"]["resamples"] == 1000
+    assert ho["best"]["unit"] == out["best"]["unit"]
+    rw = ho["baselines"]["random_weights"]
+    assert rw["seeds"] == [3, 4, 5, 6, 7] and len(rw["per_seed"]) == 5
+    assert rw["best"] == max(r["evaluation_accuracy"] for r in rw["per_seed"])
+    assert rw["mean"] == pytest.approx(np.mean([r["evaluation_accuracy"] for r in rw["per_seed"]]))
+    assert set(ho["baselines"]["trivial_cues"]) == {"mean", "contrast", "centre_minus_surround", "gradient_energy"}
+    assert ho["baselines"]["linear_filter"]["templates"] == 20
+    for rec in (ho["best"], rw, ho["baselines"]["linear_filter"], *ho["baselines"]["trivial_cues"].values()):
+        lo, hi = rec.get("ci95") or rec["ci95_best"]
+        assert 0 <= lo <= hi <= 1
+    rows = {(r["stage"], r["sublayer"]) for r in ho["per_stage"]}
+    assert rows == {(0, None), (1, None)} | {(s, n) for s in (0, 1) for n in ("filter", "pool", "lcn")}
+    assert all("random" in r and r["random"]["best"] >= r["random"]["mean"] for r in ho["per_stage"])
+    assert set(ho["differences"]["best_minus"]) >= {"random_weights_best", "random_weights_mean", "linear_filter",
+                                                    "best_trivial_cue", "random_guess"}
     # A third run uses the finished cache for everything: no batch of the network is recomputed.
     seen.clear()
+    opts["heldout"] = None  # the held-out entry is recomputed each time; not needed again here
     again = run_probe(run, tmp_path / "test", tmp_path / "probe", **opts)
     assert seen == [] and again["best"] == res["best"]
 
@@ -170,3 +190,37 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(GrandmotherError, match="1x16x16 images .* network takes 1x12x12") as e:
         run_probe(run, "T", tmp_path / "p", dataset=big, labels=np.array([0, 1, 0, 1]), **opts)
     assert "\n" not in str(e.value)
+
+
+def test_heldout_probe_chooses_on_selection_and_scores_on_evaluation():
+    from grandmother import heldout as H
+    from grandmother.probe_heldout import HeldoutSettings, heldout_probe
+    ds, labels, pattern = planted_testset()
+    cfg, net = planted_network(pattern)
+    # Identities: positives in pairs (as LFW persons), negatives without one. No pair may be divided.
+    ids = [f"person{i // 2}" if lab else None for i, lab in enumerate(labels)]
+    ds.items = lambda: [{"identity": g} for g in ids]
+    st = HeldoutSettings(random_seeds=2, bootstrap=200)
+    ho = heldout_probe(net, ds, labels, "cpu", cfg=cfg, st=st, batch_size=32)
+    split = H.split_halves(labels, ids, st.split_seed)
+    sel, ev = set(split.selection.tolist()), set(split.evaluation.tolist())
+    assert not {ids[i] for i in sel if ids[i]} & {ids[i] for i in ev if ids[i]}
+    assert ho["protocol"]["groups"] == 25 + 70
+    # Independent reference for the planted unit: its response by hand, the naive 20-threshold protocol on the
+    # selection half only, then the accuracy of that threshold on the evaluation half.
+    m, y, x = PLANT
+    assert ho["best"]["unit"] == f"s0.filter.m{m}.y{y}.x{x}" and ho["best"]["direction"] == "positive"
+    imgs = ds.array[:, :, :, 0].astype(np.float64) / 255
+    flat = imgs.reshape(len(imgs), -1)
+    std = (imgs - flat.mean(1)[:, None, None]) / (flat.std(1, ddof=1)[:, None, None] + 1e-3)
+    response = (std[:, y:y + 5, x:x + 5] * pattern).sum((1, 2))
+    s_idx, e_idx = split.selection, split.evaluation
+    (acc_sel, thr), = naive_protocol(response[s_idx, None], labels[s_idx])
+    acc_ev = np.mean([(response[i] > thr) == bool(labels[i]) for i in e_idx])
+    assert ho["best"]["selection_accuracy"] == pytest.approx(acc_sel)
+    assert ho["best"]["threshold"] == pytest.approx(thr, rel=1e-4)
+    assert ho["best"]["evaluation_accuracy"] == pytest.approx(acc_ev)
+    # the same-set number is the paper's protocol on all 120 images
+    assert ho["best"]["same_set_accuracy"] == pytest.approx(115 / 120)
+    assert ho["baselines"]["random_weights"]["seeds"] == [3, 4]
+    assert "linear_filter" not in ho["baselines"]

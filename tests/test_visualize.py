@@ -271,3 +271,40 @@ def test_table1_bolds_the_winner_even_when_it_is_a_baseline():
     cols = [("random_guess", "Random guess"), ("random_weights", "Random weights"), ("best", "Best neuron")]
     page = table_html([("faces", {"random_guess": 64.7, "random_weights": 81.2, "best": 75.4})], cols)
     assert "<td>64.7</td><td><b>81.2</b></td><td>75.4</td>" in page
+
+
+def test_report_heldout_tables(tmp_path):
+    cfg = one_stage_config(size=16, channels=1, field=5, maps=2)
+    run = write_run(tmp_path / "out" / "run", cfg, Network(cfg.model))
+    probe = tmp_path / "out" / "probe_faces"
+    probe.mkdir()
+    rec = lambda acc, unit="s0.lcn.m1.y3.x4": {"unit": unit, "evaluation_accuracy": acc, "ci95": [acc - 0.05, acc + 0.04],
+                                              "selection_accuracy": 0.9, "auc_evaluation": 0.8123, "direction": "negative",
+                                              "same_set_accuracy": 0.95}
+    heldout = {
+        "protocol": {"seed": 0, "selection": {"images": 60, "positives": 20}, "evaluation": {"images": 61, "positives": 21},
+                     "direction": "either", "identities": "<b>persons</b>", "bootstrap": {"resamples": 1000}},
+        "best": rec(0.812), "top_stage": rec(0.701, "<script>alert(1)</script>"),
+        "baselines": {"random_guess": rec(0.648, "always negative"),
+                      "random_weights": {"seeds": [0, 1, 2, 3, 4], "mean": 0.7, "best": 0.75, "best_seed": 2,
+                                         "ci95_mean": [0.66, 0.74], "ci95_best": [0.7, 0.8], "unit": "s0.pool.m0.y0.x0"},
+                      "trivial_cues": {"mean": rec(0.66, "mean"), "contrast": rec(0.6, "contrast")},
+                      "best_trivial_cue": {"cue": "mean"}},
+        "differences": {"best_minus": {"random_weights_best": [0.01, 0.1], "best_trivial_cue": [0.1, 0.2]}},
+        "per_stage": [{"stage": 0, "sublayer": None, "trained": rec(0.812),
+                       "random": {"mean": 0.7, "best": 0.75, "ci95_best": [0.7, 0.8], "auc_mean": 0.7, "auc_best": 0.75}},
+                      {"stage": 0, "sublayer": "lcn", "trained": rec(0.8), "trained_auc": {"auc_evaluation": 0.81,
+                                                                                           "direction": "negative"}}]}
+    (probe / "probe.json").write_text(json.dumps({
+        "concept": "faces", "run": str(run), "best": {"unit": "s0.lcn.m1.y3.x4", "accuracy": 0.85, "threshold": 0.5},
+        "baselines": {"random_guess": 0.648}, "heldout": heldout}))
+    build_report(run, tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert "Held-out evaluation: faces" in page
+    assert "<td><b>81.2</b> [76.2, 85.2]</td>" in page  # evaluation accuracy and its interval
+    assert "random weights, mean of 5 seeds" in page and "<td><b>70.0</b> [66.0, 74.0]</td>" in page
+    assert "random weights, best of 5 seeds (seed 2)" in page and "1.0 to 10.0" in page  # paired difference
+    assert "trivial cue: mean (chosen on selection)" in page and "10.0 to 20.0" in page
+    assert "<td>95.0</td>" in page  # the paper's same-set number beside
+    assert "stage 0 (all)" in page and "stage 0 lcn" in page and "0.810 negative" in page
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt;persons" in page

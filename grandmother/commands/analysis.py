@@ -9,10 +9,16 @@ from .common import check_positive, command_line
 
 def cmd_probe(args) -> int:
     from ..probe import format_table, run_probe
+    from ..probe_heldout import HeldoutSettings
+    check_positive(bootstrap=args.bootstrap, random_seeds=args.random_seeds)
+    heldout = None if args.no_heldout else HeldoutSettings(
+        split_seed=args.split_seed, direction=args.direction, bootstrap=args.bootstrap,
+        random_seeds=0 if args.no_random_weights else args.random_seeds)
     res = run_probe(args.run_dir, args.testset, args.out, ablation=args.ablation, autoencoders=args.autoencoder,
                     linear_filters=args.linear_filters, train_data=args.train_data, kmeans_train=args.kmeans_train,
                     kmeans_centroids=args.kmeans_centroids, random_weights=not args.no_random_weights,
-                    batch_size=args.batch_size, device=args.device, concept=args.concept, progress=True)
+                    batch_size=args.batch_size, device=args.device, concept=args.concept, progress=True,
+                    heldout=heldout)
     print(format_table(res))
     print(f"wrote {Path(args.out) / 'probe.json'}")
     return 0
@@ -90,13 +96,26 @@ def register(sub):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--concept", help="name of the positive class (e.g. faces), for the report")
+    from ..heldout import DIRECTIONS
+    from ..probe_heldout import HeldoutSettings
+    d = HeldoutSettings()
+    p.add_argument("--split-seed", type=int, default=d.split_seed,
+                   help="held out: seed of the selection/evaluation split (default: %(default)s)")
+    p.add_argument("--direction", choices=DIRECTIONS, default=d.direction,
+                   help="held out: 'positive' = more response means positive (the paper's rule); 'either' also "
+                        "tries 'less means positive', chosen on the selection half (default: %(default)s)")
+    p.add_argument("--random-seeds", type=int, default=d.random_seeds, metavar="N",
+                   help="held out: random-weight networks, seeds train.seed .. +N-1 (default: %(default)s)")
+    p.add_argument("--bootstrap", type=int, default=d.bootstrap, metavar="N",
+                   help="held out: bootstrap resamples for the 95%% intervals (default: %(default)s)")
+    p.add_argument("--no-heldout", action="store_true", help="skip the held-out evaluation (paper protocol only)")
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("visualize", help="histogram, top test images and optimal stimulus of one unit")
     p.add_argument("run_dir", metavar="RUN_DIR", help="training run directory (with checkpoints)")
     p.add_argument("--testset", required=True, metavar="TEST_DIR", help="labeled test set (`grandmother testset`)")
     p.add_argument("--unit", help="unit id s<stage>.<filter|pool|lcn>.m<map>.y<row>.x<col>")
-    p.add_argument("--probe", metavar="PROBE_DIR", help="take the best unit (and its threshold) of this probe")
+    p.add_argument("--probe", metavar="PROBE_DIR", help="take the best unit (and its threshold) of this probe: the held-out choice when it has one")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--threshold", type=float, help="draw this threshold on the histogram")
     p.add_argument("--concept", help="name of the positive class in the plots (default: from the probe)")
@@ -111,7 +130,7 @@ def register(sub):
     p = sub.add_parser("invariance", help="a unit's response to scaled, shifted and rotated images (Figure 4)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="training run directory (with checkpoints)")
     p.add_argument("--unit", help="unit id s<stage>.<filter|pool|lcn>.m<map>.y<row>.x<col>")
-    p.add_argument("--probe", metavar="PROBE_DIR", help="take the best unit (and its threshold) of this probe")
+    p.add_argument("--probe", metavar="PROBE_DIR", help="take the best unit (and its threshold) of this probe: the held-out choice when it has one")
     p.add_argument("--images", required=True, metavar="DIR", help="a few images of the concept (paper: 10 faces)")
     p.add_argument("--rotations", metavar="DIR", help="one sub-folder per out-of-plane rotation sequence, "
                                                       "images in angle order (names like rot_045.png give degrees)")

@@ -62,12 +62,30 @@ def cmd_testset(args):
     from ..testset import build_testset
     index = build_testset(args.positive, args.negative, Path(args.out), positive_fraction=args.positive_fraction,
                           size=args.size, color=args.color, seed=args.seed, count=args.count, group_by=args.group_by,
-                          workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
+                          workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
+                          histogram_match=not args.no_histogram_match, negative_crop=args.negative_crop)
     print(f"{args.out}: {index['images']} images ({index['positives']} positive from "
           f"{len(index['test_identities'])} identities, {index['negatives']} negative), "
           f"{index['size']}x{index['size']} {index['color']}; {len(index['skipped'])} skipped; "
           f"{index['excluded_count']} files listed in {args.out}/excluded.txt (pass it to ingest --exclude)")
+    print(format_cues(index))
     return 0
+
+
+def format_cues(index: dict) -> str:
+    """The trivial-cue scores of a test set (index.json "trivial_cues"), one line each."""
+    cues = index.get("trivial_cues") or {}
+    if not cues:
+        return "trivial cues: not scored (one class only)"
+    chance = max(index["positives"], index["negatives"]) / max(1, index["images"])
+    lines = [f"trivial cues, one threshold chosen on a selection half, accuracy on the evaluation half (majority "
+             f"{100 * chance:.1f}%; histogram matching {'on' if index.get('histogram_match') else 'off'}, "
+             f"negative crop {index.get('negative_crop') or 'off'}):"]
+    for k, r in cues.items():
+        lo, hi = r["ci95"]
+        lines.append(f"  {k:22s} {100 * r['evaluation_accuracy']:5.1f}%  [{100 * lo:.1f}, {100 * hi:.1f}]  "
+                     f"({r['direction']})")
+    return "\n".join(lines)
 
 
 def register(sub):
@@ -126,6 +144,12 @@ def register(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group-by", choices=("folder", "file"), default="folder",
                    help="identity of a positive: its folder (LFW: person) or the file (default: %(default)s)")
+    p.add_argument("--no-histogram-match", action="store_true",
+                   help="keep each image's own grey levels (default: every image gets the set's mean histogram, "
+                        "which removes the brightness and contrast cues; docs/probing.md)")
+    p.add_argument("--negative-crop", type=float, metavar="F",
+                   help="each distractor becomes a random square crop of side F x its shorter side (default: off, "
+                        "the whole photo)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")

@@ -32,8 +32,10 @@ Choices (settings, with the defaults named here and in docs/probing.md):
 - **Intervals.** Percentile bootstrap (default 1,000 resamples, 95%) of the evaluation half, seeded; the
   same seed resamples the same images for every row, so rows can be compared pairwise
   (`bootstrap_difference`). With `groups`, whole identities are resampled (a cluster bootstrap), which
-  respects that images of one person are not independent. The interval covers the evaluation noise of a
-  fixed choice, not the variability of the choice itself.
+  respects that images of one person are not independent; records resample within each class
+  (stratified), since the test set's class ratio is fixed by its design, not sampled: otherwise drawing
+  many or few persons would move even the majority guess by several points. The interval covers the
+  evaluation noise of a fixed choice, not the variability of the choice itself.
 - **AUC.** Rank-based (Mann-Whitney), ties counted one half; the AUC of "more response means positive"
   (an inverted detector has AUC below 0.5).
 """
@@ -271,12 +273,16 @@ def unit_table(acts, labels, split: Split, direction: str = DEFAULT_DIRECTION, n
 
 # ---------------------------------------------------------------- intervals
 
-def _bootstrap_stats(values, groups, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot,) mean of `values` over resamples. Resampling draws, for each of n_boot rows,
-    rng.integers(0, G, G) groups with replacement (rng = np.random.default_rng(seed); G groups, numbered
-    in order of first appearance; an image without a group (None, "") or without `groups` at all is a
-    group of its own) and returns
-    sum(values of the drawn groups) / number of images drawn."""
+def _bootstrap_stats(values, groups, n_boot: int, seed: int, strata=None) -> np.ndarray:
+    """(n_boot,) mean of `values` over resamples of whole groups, with replacement.
+
+    Groups are numbered in order of first appearance; an image without a group (None, "") or without
+    `groups` at all is a group of its own. With `strata` (per-image labels) each group belongs to the
+    stratum of its majority label (ties: the larger label) and every stratum is resampled on its own, so
+    each resample keeps the class make-up; without, all groups are one stratum. The draws: rng =
+    np.random.default_rng(seed); for each stratum in increasing order, rng.integers(0, G_c, (n_boot, G_c))
+    indexes its G_c groups (in blocks of rows when n_boot x groups is large). Each resample's statistic is
+    sum(values of the drawn groups' images) / number of images drawn."""
     values = np.asarray(values, np.float64).ravel()
     if len(values) == 0:
         raise GrandmotherError("bootstrap of an empty set")
@@ -284,12 +290,27 @@ def _bootstrap_stats(values, groups, n_boot: int, seed: int) -> np.ndarray:
     n_groups = int(codes.max()) + 1
     sums = np.bincount(codes, weights=values, minlength=n_groups)
     sizes = np.bincount(codes, minlength=n_groups).astype(np.float64)
+    if strata is None:
+        members = [np.arange(n_groups)]
+    else:
+        strata = np.asarray(strata).astype(np.int64).ravel()
+        if len(strata) != len(values):
+            raise GrandmotherError(f"{len(strata)} strata labels for {len(values)} values")
+        pos = np.bincount(codes, weights=strata, minlength=n_groups)
+        cls = (pos >= sizes - pos).astype(np.int64) if strata.max() <= 1 else \
+            np.array([np.bincount(strata[codes == g]).argmax() for g in range(n_groups)])
+        members = [np.flatnonzero(cls == c) for c in np.unique(cls)]
     rng = np.random.default_rng(seed)
     out = np.empty(n_boot)
     rows = max(1, _BLOCK_ELEMENTS // n_groups)
     for r in range(0, n_boot, rows):
-        idx = rng.integers(0, n_groups, (min(rows, n_boot - r), n_groups))
-        out[r:r + len(idx)] = sums[idx].sum(1) / sizes[idx].sum(1)
+        k = min(rows, n_boot - r)
+        tot, size = np.zeros(k), np.zeros(k)
+        for m in members:
+            idx = m[rng.integers(0, len(m), (k, len(m)))]
+            tot += sums[idx].sum(1)
+            size += sizes[idx].sum(1)
+        out[r:r + k] = tot / size
     return out
 
 
@@ -299,16 +320,17 @@ def _interval(stats, level: float) -> tuple[float, float]:
 
 
 def bootstrap_ci(values, groups=None, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = DEFAULT_BOOTSTRAP_SEED,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` (e.g. 1 = correct, 0 = wrong per image)."""
-    return _interval(_bootstrap_stats(values, groups, n_boot, seed), level)
+                 level: float = 0.95, strata=None) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (e.g. 1 = correct, 0 = wrong per image),
+    resampling whole `groups` (identities), within `strata` (labels) when given."""
+    return _interval(_bootstrap_stats(values, groups, n_boot, seed, strata), level)
 
 
 def bootstrap_difference(values_a, values_b, groups=None, n_boot: int = DEFAULT_BOOTSTRAP,
-                         seed: int = DEFAULT_BOOTSTRAP_SEED, level: float = 0.95) -> tuple[float, float]:
+                         seed: int = DEFAULT_BOOTSTRAP_SEED, level: float = 0.95, strata=None) -> tuple[float, float]:
     """Paired interval of mean(a) - mean(b) over the same images (same resamples for both)."""
     d = np.asarray(values_a, np.float64) - np.asarray(values_b, np.float64)
-    return _interval(_bootstrap_stats(d, groups, n_boot, seed), level)
+    return _interval(_bootstrap_stats(d, groups, n_boot, seed, strata), level)
 
 
 # ---------------------------------------------------------------- one matrix, one record
@@ -329,7 +351,7 @@ def evaluate(acts, labels, split: Split, *, direction: str = DEFAULT_DIRECTION, 
     u = table.best()
     correct = table.correct(acts[:, u], labels, split, u)
     ev_groups = None if groups is None else np.asarray(groups, dtype=object)[split.evaluation]
-    lo, hi = bootstrap_ci(correct, ev_groups, n_boot, seed)
+    lo, hi = bootstrap_ci(correct, ev_groups, n_boot, seed, strata=labels[split.evaluation])
     paper_u = int(np.argmax(table.same_set_accuracy))
     name = (lambda i: str(names[i])) if names is not None else (lambda i: i)
     return {"unit": name(u), "direction": "positive" if table.sign[u] > 0 else "negative",
@@ -348,7 +370,7 @@ def majority_record(labels, split: Split, groups=None, n_boot: int = DEFAULT_BOO
     correct = labels[split.evaluation] == guess
     ev_groups = None if groups is None else np.asarray(groups, dtype=object)[split.evaluation]
     return {"unit": "always " + ("positive" if guess else "negative"), "evaluation_accuracy": float(correct.mean()),
-            "ci95": list(bootstrap_ci(correct, ev_groups, n_boot, seed)),
+            "ci95": list(bootstrap_ci(correct, ev_groups, n_boot, seed, strata=labels[split.evaluation])),
             "same_set_accuracy": float(max(labels.mean(), 1 - labels.mean())), "correct": correct}
 
 

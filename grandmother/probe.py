@@ -31,29 +31,13 @@ from .errors import GrandmotherError
 from .io import atomic_write_json
 from .probe_heldout import HeldoutSettings, heldout_probe
 from .probe_protocol import check_labels, fingerprint_of, run_protocol
-from .units import Unit, unit_activation, unit_from_index
+from .units import Unit, network_batch_fn, unit_activation, unit_at
 
 TOP_UNITS = 20
 KMEANS_SIZE = 40
 
 
 # ---------------------------------------------------------------- network units
-
-def network_layout(net) -> list[tuple[int, str, tuple[int, int, int], int]]:
-    """(stage, sublayer, shape, offset of its first unit in the concatenated unit vector)."""
-    out, offset = [], 0
-    for s, name, shape in net.sublayers():
-        out.append((s, name, tuple(shape), offset))
-        offset += int(np.prod(shape))
-    return out
-
-
-def unit_at(layout, flat: int) -> Unit:
-    for s, name, shape, off in reversed(layout):
-        if flat >= off:
-            return unit_from_index(s, name, shape, flat - off)
-    raise IndexError(flat)
-
 
 def check_fits(net, dataset, where) -> None:
     have = tuple(dataset.get_batch([0]).shape[1:])
@@ -62,17 +46,6 @@ def check_fits(net, dataset, where) -> None:
         raise GrandmotherError(f"test set {where} has {'x'.join(map(str, have))} images (channels x height x "
                                f"width) but the network takes {'x'.join(map(str, want))}; build the test set "
                                f"with the run's --size/--color")
-
-
-def network_batch_fn(net, dataset, device):
-    layout = network_layout(net)
-
-    @torch.no_grad()
-    def fn(indices):
-        x = net.prepare(dataset.get_batch(indices).to(device))
-        out = net(x, objective=False)
-        return torch.cat([out.stages[s][name].flatten(1) for s, name, _, _ in layout], 1).float().cpu()
-    return fn, layout
 
 
 def probe_network(net, dataset, labels, device, cache_path, fingerprint, batch_size=256, on_batch=None,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import heldout as H
+from .units import network_batch_fn, unit_at
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def table_of(batch_fn, n_units: int, labels, split: H.Split, st: HeldoutSettings
 
 def _record(table: H.UnitTable, u: int, column, labels, split, groups, st, name) -> tuple[dict, np.ndarray]:
     correct = table.correct(column, labels, split, u)
-    lo, hi = H.bootstrap_ci(correct, groups, st.bootstrap, st.bootstrap_seed)
+    lo, hi = H.bootstrap_ci(correct, groups, st.bootstrap, st.bootstrap_seed, strata=labels[split.evaluation])
     auc = float(table.auc_evaluation[u] if table.sign[u] > 0 else 1 - table.auc_evaluation[u])  # chosen direction
     return {"unit": name, "direction": "positive" if table.sign[u] > 0 else "negative",
             "threshold": float(table.threshold[u]), "selection_accuracy": float(table.selection_accuracy[u]),
@@ -87,7 +88,6 @@ def _record(table: H.UnitTable, u: int, column, labels, split, groups, st, name)
 def network_records(batch_fn, layout, labels, split, groups, st: HeldoutSettings, batch_size: int = 256) -> dict:
     """Best unit overall, per stage and per sublayer (chosen on selection), with intervals and AUC summary.
     Returns {"best", "per_stage", "per_sublayer", "auc"} plus "_correct" (best unit, per image)."""
-    from .probe import unit_at
     n_units = layout[-1][3] + int(np.prod(layout[-1][2]))
     table = table_of(batch_fn, n_units, labels, split, st, batch_size)
     picks = {"best": table.best()}
@@ -132,7 +132,6 @@ def heldout_probe(net, dataset, labels, device, *, cfg=None, templates=None, st:
                   batch_size: int = 256, progress=None) -> dict:
     """probe.json's "heldout" entry for `net` on (dataset, labels); `templates` (T, D) are linear filters
     on the prepared input (None: skip), `cfg` the run's config (None: no random weights)."""
-    from .probe import _prepared_flat, network_batch_fn
     say = progress or (lambda msg: None)
     labels = np.asarray(labels).astype(bool)
     n = len(labels)
@@ -140,6 +139,7 @@ def heldout_probe(net, dataset, labels, device, *, cfg=None, templates=None, st:
     split = H.split_halves(labels, ids, st.split_seed, st.selection_fraction)
     groups = None if ids is None else np.asarray(ids, dtype=object)[split.evaluation]  # for bootstrap_* calls
     boot = dict(n_boot=st.bootstrap, seed=st.bootstrap_seed)
+    sboot = dict(boot, strata=labels[split.evaluation])  # direct bootstrap_* calls: within each class
 
     say("held-out: trained network")
     fn, layout = network_batch_fn(net, dataset, device)
@@ -168,7 +168,7 @@ def heldout_probe(net, dataset, labels, device, *, cfg=None, templates=None, st:
         bi = summ["best_index"]
         baselines["random_weights"] = {
             "seeds": seeds, "per_seed": best_recs, "mean": summ["mean"], "std": summ["std"],
-            "ci95_mean": list(H.bootstrap_ci(mean_correct, groups, **boot)),
+            "ci95_mean": list(H.bootstrap_ci(mean_correct, groups, **sboot)),
             "best": summ["best"], "best_seed": seeds[bi], "ci95_best": best_recs[bi]["ci95"],
             "evaluation_accuracy": summ["best"], "ci95": best_recs[bi]["ci95"], "unit": best_recs[bi]["unit"]}
         correct["random_weights_best"] = recs[bi]["_correct"]["best"]
@@ -185,7 +185,7 @@ def heldout_probe(net, dataset, labels, device, *, cfg=None, templates=None, st:
     if templates is not None and len(templates):
         say(f"held-out: {len(templates)} linear filters")
         t = torch.as_tensor(templates, dtype=torch.float32)
-        lfn = lambda idx: (_prepared_flat(net, dataset.get_batch(idx), device) @ t.T.to(device)).cpu()
+        lfn = lambda idx: (net.prepare(dataset.get_batch(idx).to(device)).flatten(1).float() @ t.T.to(device)).cpu()
         ltable = table_of(lfn, len(t), labels, split, st, batch_size)
         u = ltable.best()
         rec, c = _record(ltable, u, _columns(lfn, n, batch_size, 0, cols=[u])[:, 0], labels, split, groups, st,
@@ -206,11 +206,11 @@ def heldout_probe(net, dataset, labels, device, *, cfg=None, templates=None, st:
     baselines["best_trivial_cue"] = {"cue": chosen_cue, **cues[chosen_cue]}
     correct["best_trivial_cue"] = correct[f"cue_{chosen_cue}"]
 
-    diffs = {k: list(H.bootstrap_difference(best_correct, c, groups, **boot))
+    diffs = {k: list(H.bootstrap_difference(best_correct, c, groups, **sboot))
              for k, c in correct.items() if not k.startswith("cue_")}
     top = str(max(int(k) for k in trained["per_stage"]))
     top_correct = trained["_correct"][top]
-    top_diffs = {k: list(H.bootstrap_difference(top_correct, c, groups, **boot))
+    top_diffs = {k: list(H.bootstrap_difference(top_correct, c, groups, **sboot))
                  for k, c in correct.items() if not k.startswith("cue_")}
 
     per_stage = []
@@ -229,7 +229,7 @@ def heldout_probe(net, dataset, labels, device, *, cfg=None, templates=None, st:
                      "direction": st.direction, "thresholds": f"{st.n_thresholds} = linspace(min, max) of the "
                      f"selection half", "unit_choice": "highest selection-half accuracy",
                      "bootstrap": {"resamples": st.bootstrap, "seed": st.bootstrap_seed, "level": 0.95,
-                                   "resampled": "identities of the evaluation half" if ids else "evaluation images"},
+                                   "resampled": ("identities" if ids else "images") + " of the evaluation half, within each class"},
                      "settings": asdict(st)})
     return {"protocol": protocol, "best": trained["best"], "top_stage": trained["per_stage"][top],
             "baselines": baselines, "differences": {"best_minus": diffs, "top_stage_minus": top_diffs},

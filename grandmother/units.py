@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import GrandmotherError
@@ -61,3 +62,35 @@ def unit_activation(net, x: torch.Tensor, unit: Unit) -> torch.Tensor:
     """Activations (B,) of one unit for a prepared input batch x; differentiable in x."""
     out = net(x, objective=False, upto=unit.stage + 1)
     return out.stages[unit.stage][unit.sublayer][:, unit.map, unit.y, unit.x]
+
+
+# ---------------------------------------------------------------- every unit of a network at once
+
+def network_layout(net) -> list[tuple[int, str, tuple[int, int, int], int]]:
+    """(stage, sublayer, shape, offset of its first unit in the concatenated unit vector)."""
+    out, offset = [], 0
+    for s, name, shape in net.sublayers():
+        out.append((s, name, tuple(shape), offset))
+        offset += int(np.prod(shape))
+    return out
+
+
+def unit_at(layout, flat: int) -> Unit:
+    """The unit at position `flat` of the concatenated unit vector of `layout`."""
+    for s, name, shape, off in reversed(layout):
+        if flat >= off:
+            return unit_from_index(s, name, shape, flat - off)
+    raise IndexError(flat)
+
+
+def network_batch_fn(net, dataset, device):
+    """(fn, layout): fn(indices) -> (B, units) float32 CPU responses of every unit of `net` to those images of
+    `dataset`, all sublayers concatenated in layout order."""
+    layout = network_layout(net)
+
+    @torch.no_grad()
+    def fn(indices):
+        x = net.prepare(dataset.get_batch(indices).to(device))
+        out = net(x, objective=False)
+        return torch.cat([out.stages[s][name].flatten(1) for s, name, _, _ in layout], 1).float().cpu()
+    return fn, layout

@@ -151,6 +151,10 @@ def test_same_set_accuracy_is_the_paper_protocol():
 
 def test_bootstrap_hand_computed():
     assert H.bootstrap_ci(np.ones(20), n_boot=100) == (1.0, 1.0)
+    # Stratified by label, single images: every resample keeps 3 negatives and 2 positives, so "always
+    # negative" is right 3 times in 5 in every resample; unstratified it is not.
+    assert H.bootstrap_ci([1, 1, 1, 0, 0], n_boot=500, strata=[0, 0, 0, 1, 1]) == pytest.approx((0.6, 0.6))
+    assert H.bootstrap_ci([1, 1, 1, 0, 0], n_boot=500) != pytest.approx((0.6, 0.6))
     # Two images, one right: resampled means are 0, 1/2, 1 with probability 1/4, 1/2, 1/4.
     assert H.bootstrap_ci([1, 0], n_boot=20000, level=0.95) == (0.0, 1.0)
     assert H.bootstrap_ci([1, 0], n_boot=20000, level=0.4) == (0.5, 0.5)
@@ -175,6 +179,20 @@ def test_bootstrap_follows_its_documented_draws():
             stats.append(np.mean(values[picked]))
         np.testing.assert_allclose(H._bootstrap_stats(values, gr, 50, 7), stats)
         assert H.bootstrap_ci(values, gr, n_boot=50, seed=7) == pytest.approx(np.quantile(stats, [0.025, 0.975]))
+    # stratified: each stratum's groups drawn on their own, stratum 0 first
+    strata = (rng.random(13) < 0.5).astype(int)
+    keys = [g if g is not None else ("own", i) for i, g in enumerate(groups)]
+    order = list(dict.fromkeys(keys))
+    members = {k: [i for i in range(13) if keys[i] == k] for k in order}
+    cls = {k: int(sum(strata[i] for i in members[k]) * 2 >= len(members[k])) for k in order}
+    rng7 = np.random.default_rng(7)
+    by = {c: [k for k in order if cls[k] == c] for c in (0, 1)}
+    draws = {c: rng7.integers(0, len(by[c]), (40, len(by[c]))) for c in (0, 1)}
+    stats = []
+    for r in range(40):
+        picked = [i for c in (0, 1) for j in draws[c][r] for i in members[by[c][j]]]
+        stats.append(np.mean(values[picked]))
+    np.testing.assert_allclose(H._bootstrap_stats(values, groups, 40, 7, strata), stats)
     # each image its own group is the plain bootstrap
     np.testing.assert_allclose(H._bootstrap_stats(values, [str(i) for i in range(13)], 30, 1),
                                H._bootstrap_stats(values, None, 30, 1))

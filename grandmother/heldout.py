@@ -32,9 +32,10 @@ Choices (settings, with the defaults named here and in docs/probing.md):
 - **Intervals.** Percentile bootstrap (default 1,000 resamples, 95%) of the evaluation half, seeded; the
   same seed resamples the same images for every row, so rows can be compared pairwise
   (`bootstrap_difference`). With `groups`, whole identities are resampled (a cluster bootstrap), which
-  respects that images of one person are not independent; records resample within each class
-  (stratified), since the test set's class ratio is fixed by its design, not sampled: otherwise drawing
-  many or few persons would move even the majority guess by several points. The interval covers the
+  respects that images of one person are not independent; records resample within each class and
+  weight the classes by their shares (stratified), since the test set's class ratio is fixed by its
+  design, not sampled: otherwise drawing one prolific person or not would move even the majority guess
+  by several points. The interval covers the
   evaluation noise of a fixed choice, not the variability of the choice itself.
 - **AUC.** Rank-based (Mann-Whitney), ties counted one half; the AUC of "more response means positive"
   (an inverted detector has AUC below 0.5).
@@ -277,12 +278,14 @@ def _bootstrap_stats(values, groups, n_boot: int, seed: int, strata=None) -> np.
     """(n_boot,) mean of `values` over resamples of whole groups, with replacement.
 
     Groups are numbered in order of first appearance; an image without a group (None, "") or without
-    `groups` at all is a group of its own. With `strata` (per-image labels) each group belongs to the
-    stratum of its majority label (ties: the larger label) and every stratum is resampled on its own, so
-    each resample keeps the class make-up; without, all groups are one stratum. The draws: rng =
+    `groups` at all is a group of its own. Without `strata` all groups are one stratum and a resample's
+    statistic is sum(values of the drawn groups' images) / number of images drawn. With `strata`
+    (per-image labels) each group belongs to the stratum of its majority label (ties: the larger label),
+    every stratum is resampled on its own, and the statistic is sum over strata of w_c x (that mean within
+    stratum c), w_c the stratum's share of the images: the class make-up stays as designed even when
+    groups differ in size (one LFW person has hundreds of images). The draws: rng =
     np.random.default_rng(seed); for each stratum in increasing order, rng.integers(0, G_c, (n_boot, G_c))
-    indexes its G_c groups (in blocks of rows when n_boot x groups is large). Each resample's statistic is
-    sum(values of the drawn groups' images) / number of images drawn."""
+    indexes its G_c groups (in blocks of rows when n_boot x groups is large)."""
     values = np.asarray(values, np.float64).ravel()
     if len(values) == 0:
         raise GrandmotherError("bootstrap of an empty set")
@@ -292,6 +295,7 @@ def _bootstrap_stats(values, groups, n_boot: int, seed: int, strata=None) -> np.
     sizes = np.bincount(codes, minlength=n_groups).astype(np.float64)
     if strata is None:
         members = [np.arange(n_groups)]
+        weights = None
     else:
         strata = np.asarray(strata).astype(np.int64).ravel()
         if len(strata) != len(values):
@@ -300,17 +304,18 @@ def _bootstrap_stats(values, groups, n_boot: int, seed: int, strata=None) -> np.
         cls = (pos >= sizes - pos).astype(np.int64) if strata.max() <= 1 else \
             np.array([np.bincount(strata[codes == g]).argmax() for g in range(n_groups)])
         members = [np.flatnonzero(cls == c) for c in np.unique(cls)]
+        weights = [sizes[m].sum() / len(values) for m in members]
     rng = np.random.default_rng(seed)
     out = np.empty(n_boot)
     rows = max(1, _BLOCK_ELEMENTS // n_groups)
     for r in range(0, n_boot, rows):
         k = min(rows, n_boot - r)
-        tot, size = np.zeros(k), np.zeros(k)
-        for m in members:
+        stat = np.zeros(k)
+        for i, m in enumerate(members):
             idx = m[rng.integers(0, len(m), (k, len(m)))]
-            tot += sums[idx].sum(1)
-            size += sizes[idx].sum(1)
-        out[r:r + k] = tot / size
+            mean = sums[idx].sum(1) / sizes[idx].sum(1)
+            stat += mean if weights is None else weights[i] * mean
+        out[r:r + k] = stat
     return out
 
 

@@ -258,7 +258,9 @@ def format_table(result: dict) -> str:
     lines.append(f"threshold of the best unit: {result['best']['threshold']:.4g}  "
                  f"({result['n_images']} images, {result['n_positive']} positive)")
     ho = result.get("heldout")
-    if ho:
+    if ho and "skipped" in ho:
+        lines.append(f"held-out evaluation skipped: {ho['skipped']}")
+    elif ho:
         lines.append("")
         lines.append(heldout_table(ho))
     return "\n".join(lines)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import heldout as H
+from .errors import GrandmotherError
 from .units import network_batch_fn, unit_at
 
 
@@ -136,7 +137,11 @@ def heldout_probe(net, dataset, labels, device, *, cfg=None, templates=None, st:
     labels = np.asarray(labels).astype(bool)
     n = len(labels)
     ids = identities(dataset, n)
-    split = H.split_halves(labels, ids, st.split_seed, st.selection_fraction)
+    try:
+        split = H.split_halves(labels, ids, st.split_seed, st.selection_fraction)
+    except GrandmotherError as e:  # e.g. every positive is one person: no honest split exists
+        say(f"held-out evaluation skipped: {e}")
+        return {"skipped": str(e)}
     groups = None if ids is None else np.asarray(ids, dtype=object)[split.evaluation]  # for bootstrap_* calls
     boot = dict(n_boot=st.bootstrap, seed=st.bootstrap_seed)
     sboot = dict(boot, strata=labels[split.evaluation])  # direct bootstrap_* calls: within each class

@@ -377,6 +377,10 @@ def section_heldout(probes: list[tuple[Path, dict]]) -> str:
         ho = p.get("heldout")
         if not isinstance(ho, dict):
             continue
+        if "skipped" in ho:
+            parts.append(f"<h2>Held-out evaluation: {html.escape(concept_name(p, d))}</h2><p>Skipped: "
+                         f"{html.escape(str(ho['skipped']))}</p>")
+            continue
         pr = ho.get("protocol") if isinstance(ho.get("protocol"), dict) else {}
         sel, ev = pr.get("selection") or {}, pr.get("evaluation") or {}
         boot = pr.get("bootstrap") or {}

@@ -188,11 +188,16 @@ def test_bootstrap_follows_its_documented_draws():
     rng7 = np.random.default_rng(7)
     by = {c: [k for k in order if cls[k] == c] for c in (0, 1)}
     draws = {c: rng7.integers(0, len(by[c]), (40, len(by[c]))) for c in (0, 1)}
+    share = {c: sum(len(members[k]) for k in by[c]) / 13 for c in (0, 1)}
     stats = []
     for r in range(40):
-        picked = [i for c in (0, 1) for j in draws[c][r] for i in members[by[c][j]]]
-        stats.append(np.mean(values[picked]))
+        stats.append(sum(share[c] * np.mean(values[[i for j in draws[c][r] for i in members[by[c][j]]]])
+                         for c in (0, 1)))
     np.testing.assert_allclose(H._bootstrap_stats(values, groups, 40, 7, strata), stats)
+    # a group of 6 images and six of 1 in one class: "always negative" stays at its designed rate
+    v = np.array([0] * 6 + [0] * 6 + [1] * 8, float)
+    lab = np.array([1] * 12 + [0] * 8)
+    assert H.bootstrap_ci(v, ["big"] * 6 + [None] * 14, n_boot=300, strata=lab) == pytest.approx((0.4, 0.4))
     # each image its own group is the plain bootstrap
     np.testing.assert_allclose(H._bootstrap_stats(values, [str(i) for i in range(13)], 30, 1),
                                H._bootstrap_stats(values, None, 30, 1))

@@ -224,3 +224,6 @@ def test_heldout_probe_chooses_on_selection_and_scores_on_evaluation():
     assert ho["best"]["same_set_accuracy"] == pytest.approx(115 / 120)
     assert ho["baselines"]["random_weights"]["seeds"] == [3, 4]
     assert "linear_filter" not in ho["baselines"]
+    # every positive one person: no honest split exists; the entry says so instead of failing the probe
+    ds.items = lambda: [{"identity": "someone" if lab else None} for lab in labels]
+    assert "too few identities" in heldout_probe(net, ds, labels, "cpu", cfg=cfg, st=st)["skipped"]

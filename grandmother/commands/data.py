@@ -76,7 +76,7 @@ def format_cues(index: dict) -> str:
     """The trivial-cue scores of a test set (index.json "trivial_cues"), one line each."""
     cues = index.get("trivial_cues") or {}
     if not cues:
-        return "trivial cues: not scored (one class only)"
+        return "trivial cues: not scored (one class only, or too few identities to split)"
     chance = max(index["positives"], index["negatives"]) / max(1, index["images"])
     lines = [f"trivial cues, one threshold chosen on a selection half, accuracy on the evaluation half (majority "
              f"{100 * chance:.1f}%; histogram matching {'on' if index.get('histogram_match') else 'off'}, "

@@ -8,7 +8,8 @@ Three independent checks, each a list of the training images that fail it:
 - persons: the training image came from a test person's folder (identity = folder relative to a
   positive source, as `grandmother testset` defines it with `--group-by folder`);
 - pixels: the training image has exactly the pixels of a test image (a copy under another name),
-  checked when both sets have the same size and colour.
+  checked when both sets have the same size and colour; a histogram-matched test image is compared by
+  the pixels it had before matching (its "pixels" digest).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def find_leaks(test_dir: Path, data_dir: Path) -> dict[str, list[str]]:
         if person_dirs.intersection(path.parents):
             leaks["persons"].append(str(path))
     if (train.size, train.channels) == (test.size, test.channels):
-        test_digests = set(_digests(test))
+        # the stored pixels, and each image's pixels before histogram matching (testset records them)
+        test_digests = set(_digests(test)) | {it["pixels"] for it in test.items() if it.get("pixels")}
         leaks["pixels"] = [it["path"] for it, d in zip(train_items, _digests(train)) if d in test_digests]
     return leaks

@@ -9,7 +9,8 @@ TEST_DIR is a dataset (grandmother/dataset.py: index.json + shard_*.npy) plus
                     file of every identity it uses (`grandmother ingest --exclude TEST_DIR/excluded.txt`
                     keeps all of them out of training)
 and index.json has "kind": "testset", "positives", "negatives", "test_identities", ...
-Each image's provenance (path, label, identity) is in the shard .json files (`ds.items()`).
+Each image's provenance (path, label, identity, and "pixels": the digest of the image as `ingest` would
+decode it, before histogram matching, for leak checks) is in the shard .json files (`ds.items()`).
 Read it with `open_testset(TEST_DIR) -> (dataset, labels, index)`.
 
 Choices (the paper gives only the ratio, 13,026 faces among 37,000 images):
@@ -175,6 +176,8 @@ def build_testset(positive: list[str], negative: list[str], out: Path, positive_
         img = res["images"][0]
         images.append(random_crop(img, size, crop_rng) if img.shape[0] != size else img)
         item = {"path": str(p), "label": label}
+        if img.shape[0] == size:  # the image as ingest would decode it, before histogram matching
+            item["pixels"] = res["hashes"][0]
         if res["frames"][0] is not None:
             item["frame"] = res["frames"][0]
         if label:

@@ -577,8 +577,9 @@ class Job:
 
     def plan_probe(self, rec):
         n = sum(self.inputs["testsets"][t.name].get("images", 850) for t in self.testsets)
-        # the network and the random-weights baseline, two passes each, plus the linear filters
-        eta = 1.0 * len(self.testsets) + 6 * n * self._forward_seconds_per_image()
+        # paper protocol: the network and the random-weights baseline, two passes each; held out: one pass of
+        # the network and of each of 5 random-weight seeds; plus the linear filters (about two more)
+        eta = 1.0 * len(self.testsets) + 12 * n * self._forward_seconds_per_image()
         return {}, eta, f"every unit on {', '.join(t.name for t in self.testsets)} (+ baselines)"
 
     def do_probe(self, rec) -> dict:

@@ -80,13 +80,19 @@ def test_run_on_the_sample_without_testset_resumes_and_refuses_changes(tmp_path,
     # the face test set shipped in the package, built at the network's size; a face row in the report
     probe = json.loads((out / "probe_faces" / "probe.json").read_text())
     assert probe["concept"] == "faces" and probe["n_images"] == 848 and probe["n_positive"] == 299
+    # the face row of the held-out protocol: chosen on the selection half, scored on the evaluation half
+    ho = probe["heldout"]
+    assert ho["protocol"]["selection"]["images"] + ho["protocol"]["evaluation"]["images"] == 848
     shown = rec["stages"]["probe"]["result"]["faces"]
-    assert shown == shown_unit(probe)
+    assert shown == shown_unit(probe) and shown["unit"] == ho["top_stage"]["unit"]
+    assert shown["unit"].startswith("s2.") and shown["evaluation_accuracy"] == ho["top_stage"]["evaluation_accuracy"]
     assert json.loads((out / "visualize_faces" / "visualize.json").read_text())["unit"] == shown["unit"]
     rows = dict((name, row) for name, row in rec["stages"]["report"]["result"]["rows"])
     assert rows["faces"]["best"] == pytest.approx(100 * probe["best"]["accuracy"])
     page = (out / "report.html").read_text()
     assert "faces" in page and probe["best"]["unit"] in page and shown["unit"] in page
+    heldout_section = page[page.index("<h2>Held-out evaluation: faces</h2>"):]
+    assert f"<b>{100 * ho['top_stage']['evaluation_accuracy']:.1f}</b>" in heldout_section
     for name in ("histogram.png", "top_images.png", "optimal_stimulus.png"):
         assert (out / "visualize_faces" / name).is_file()
     assert (out / "invariance_faces" / "scale.png").is_file()

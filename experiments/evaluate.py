@@ -1,127 +1,41 @@
 """Held-out scoring of one network on one labeled test set, for the experiments table.
 
-The protocol (grandmother.heldout when it is present, else the same steps here):
-- split the test set into a selection half and an evaluation half, positives by identity (a person
-  never straddles the halves), negatives by file, stratified, seeded;
-- every unit's AUC; the unit, its threshold (20 levels between min and max, as in the paper) and its
-  direction ("more means positive" or "less means positive") are chosen on the selection half;
-- accuracy of that rule on the evaluation half, with a bootstrap 95% interval over evaluation images.
-The same is done for random weights (5 seeds), trivial image cues and linear filters (training images
-as templates), so every row compares numbers measured on the same evaluation images.
+The protocol is grandmother.heldout's (its defaults): the test set is split once (seed 0) into a
+selection half and an evaluation half, stratified by label and grouped by identity (no person in both);
+every unit's threshold (the paper's 20 levels) and direction are chosen on the selection half, the best
+unit is chosen on the selection half, and its accuracy on the evaluation half is reported with a
+cluster-bootstrap 95% interval. The same is done for random weights (5 seeds), trivial image cues and
+linear filters (training images as templates), so every row compares numbers measured on the same
+evaluation images. This module only supplies the response matrices.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
-N_THRESHOLDS = 20
+from grandmother import heldout
 
 
 def load_test(test_dir):
+    """(uint8 images (N, C, H, W), bool labels, identities (None for distractors), split)."""
     from grandmother.testset import open_testset
-    ds, labels, index = open_testset(test_dir)
+    ds, labels, _ = open_testset(test_dir)
     images = ds.get_batch(range(len(ds)))
-    groups = [it.get("identity", "file:" + it["path"]) for it in ds.items()]
-    return images, labels.astype(bool), groups
+    groups = [it.get("identity") for it in ds.items()]
+    labels = labels.astype(bool)
+    return images, labels, groups, heldout.split_halves(labels, groups, seed=0)
 
 
-def split_halves(labels, groups, seed=0):
-    """Boolean mask of the selection half: whole groups, about half of each class, seeded."""
-    rng = np.random.default_rng(seed)
-    sel = np.zeros(len(labels), bool)
-    for cls in (True, False):
-        names = sorted({g for g, lab in zip(groups, labels) if lab == cls})
-        # whole groups in a seeded random order until half the class's images are on the selection side
-        count = {g: 0 for g in names}
-        for g, lab in zip(groups, labels):
-            if lab == cls:
-                count[g] += 1
-        target, have, chosen = (labels == cls).sum() / 2, 0, set()
-        for i in rng.permutation(len(names)):
-            if have >= target:
-                break
-            chosen.add(names[i])
-            have += count[names[i]]
-        sel |= np.array([lab == cls and g in chosen for g, lab in zip(groups, labels)])
-    return sel
+def score_matrix(acts: np.ndarray, labels, split, groups) -> dict:
+    """Best unit chosen on selection, measured on evaluation; and the best-AUC unit's evaluation AUC."""
+    table = fast_unit_table(acts, labels, split)
+    rec = heldout.public(heldout.evaluate(acts, labels, split, groups=groups, table=table))
+    u = table.best_by_auc()
+    a = float(table.auc_evaluation[u])
+    rec["best_auc"] = {"unit": u, "evaluation_auc": a if table.auc_selection[u] >= 0.5 else 1 - a,
+                       "direction": "positive" if table.auc_selection[u] >= 0.5 else "negative"}
+    return rec
 
-
-def aucs(acts: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """AUC of every column, P(positive > negative); ties get their average rank (scipy.stats.rankdata)."""
-    n_pos, n_neg = labels.sum(), (~labels).sum()
-    out = np.empty(acts.shape[1])
-    for s in range(0, acts.shape[1], 4096):
-        ranks = rankdata(acts[:, s:s + 4096], axis=0)
-        out[s:s + 4096] = (ranks[labels].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return out
-
-
-def best_rule(acts: np.ndarray, labels: np.ndarray):
-    """On the selection images: per unit and direction, the best of 20 thresholds between min and max.
-
-    Threshold t_k = min + k (max - min) / 19. An activation a is above t_k for k < ceil((a - min) / step),
-    so one histogram per unit of that count gives every threshold's confusion counts.
-    Returns (unit, direction +1/-1, threshold, selection accuracy); ties go to the first unit.
-    """
-    acts = np.asarray(acts, np.float64)
-    n, u = acts.shape
-    lo, hi = acts.min(0), acts.max(0)
-    step = (hi - lo) / (N_THRESHOLDS - 1)
-    k = np.ceil((acts - lo) / np.where(step > 0, step, 1.0)).astype(np.int64)  # thresholds below a
-    k = np.clip(k, 0, N_THRESHOLDS)
-    k[:, step == 0] = 0
-    cols = np.arange(u) * (N_THRESHOLDS + 1)
-    hist_all = np.bincount((k + cols).ravel(), minlength=u * (N_THRESHOLDS + 1)).reshape(u, -1)
-    hist_pos = np.bincount((k[labels] + cols).ravel(), minlength=u * (N_THRESHOLDS + 1)).reshape(u, -1)
-    # above threshold t_j: activations with k > j
-    above_all = hist_all[:, ::-1].cumsum(1)[:, ::-1][:, 1:]  # (U, 20): count with k >= j + 1
-    above_pos = hist_pos[:, ::-1].cumsum(1)[:, ::-1][:, 1:]
-    n_pos = labels.sum()
-    n_neg = n - n_pos
-    neg_above = above_all - above_pos
-    acc_up = (above_pos + (n_neg - neg_above)) / n
-    acc_down = ((n_pos - above_pos) + neg_above) / n
-    best_up, best_down = acc_up.max(1), acc_down.max(1)
-    score = np.maximum(best_up, best_down)
-    unit = int(np.argmax(score))
-    d = 1 if best_up[unit] >= best_down[unit] else -1
-    j = int(np.argmax(acc_up[unit] if d > 0 else acc_down[unit]))
-    return unit, d, float(lo[unit] + j * step[unit]), float(score[unit])
-
-
-def apply_rule(values: np.ndarray, direction: int, threshold: float) -> np.ndarray:
-    return (values > threshold) if direction > 0 else (values <= threshold)
-
-
-def bootstrap_ci(correct: np.ndarray, n=1000, seed=0):
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(correct), (n, len(correct)))
-    means = correct[idx].mean(1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
-def score_matrix(acts: np.ndarray, labels: np.ndarray, sel: np.ndarray) -> dict:
-    """Choose on selection, measure on evaluation: the best unit of a (N, U) activation matrix."""
-    ev = ~sel
-    unit, d, th, sel_acc = best_rule(acts[sel], labels[sel])
-    correct = apply_rule(acts[ev, unit].astype(np.float64), d, th) == labels[ev]
-    return {"unit": unit, "direction": d, "threshold": th, "selection_accuracy": sel_acc,
-            "evaluation_accuracy": float(correct.mean()), "ci95": bootstrap_ci(correct)}
-
-
-def auc_summary(acts: np.ndarray, labels: np.ndarray, sel: np.ndarray) -> dict:
-    """Best |AUC| unit chosen on selection; its AUC on evaluation (in the chosen direction)."""
-    a_sel = aucs(acts[sel], labels[sel])
-    u = int(np.argmax(np.abs(a_sel - 0.5)))
-    a_ev = float(aucs(acts[~sel][:, [u]], labels[~sel])[0])
-    up = a_sel[u] >= 0.5
-    return {"unit": u, "selection_auc": float(a_sel[u] if up else 1 - a_sel[u]),
-            "evaluation_auc": a_ev if up else 1 - a_ev, "direction": 1 if up else -1,
-            "best_up_auc_selection": float(a_sel.max())}
-
-
-# ---------------------------------------------------------------- feature matrices
 
 @torch.no_grad()
 def network_units(net, images, batch=500):
@@ -137,15 +51,10 @@ def network_units(net, images, batch=500):
 
 
 def trivial_cues(images) -> dict[str, np.ndarray]:
-    x = images.float().mean(1) / 255.0  # (N, H, W) brightness
-    n, h, w = x.shape
-    cy, cx = slice(h // 4, h - h // 4), slice(w // 4, w - w // 4)
-    gy, gx = x[:, 1:, :] - x[:, :-1, :], x[:, :, 1:] - x[:, :, :-1]
-    return {"mean": x.mean((1, 2)).numpy(), "contrast": x.flatten(1).std(1).numpy(),
-            "centre_minus_surround": (x[:, cy, cx].mean((1, 2)) - x.mean((1, 2))).numpy(),
-            "gradient_energy": ((gy ** 2).mean((1, 2)) + (gx ** 2).mean((1, 2))).numpy()}
+    return heldout.trivial_cues(images)
 
 
+@torch.no_grad()
 def linear_filters(net, images, train_data, n=10_000, seed=0):
     """Responses <x, t> of n training images (prepared like network input) used as templates."""
     g = torch.Generator().manual_seed(seed)
@@ -153,3 +62,77 @@ def linear_filters(net, images, train_data, n=10_000, seed=0):
     t = net.prepare(train_data.get_batch(sorted(idx))).flatten(1)
     x = net.prepare(images).flatten(1)
     return (x @ t.T).numpy()
+
+
+# ---------------------------------------------------------------- a faster unit table
+
+def _counts(a, labels, lo, step, floor):
+    """Per unit (U, 21): histogram over the 20 thresholds' bins, all images and positives.
+
+    ceil((a - lo) / step) = how many thresholds lie strictly below a (for "a > t");
+    floor((a - lo) / step) + 1 = how many thresholds lie at or below a (for "a < t")."""
+    n, u = a.shape
+    z = (a - lo) / np.where(step > 0, step, 1.0)
+    k = (np.floor(z) + 1 if floor else np.ceil(z)).astype(np.int64)
+    k = np.clip(k, 0, 20)
+    k[:, step == 0] = 0 if not floor else 20
+    cols = np.arange(u) * 21
+    h_all = np.bincount((k + cols).ravel(), minlength=u * 21).reshape(u, 21)
+    h_pos = np.bincount((k[labels] + cols).ravel(), minlength=u * 21).reshape(u, 21)
+    return h_all, h_pos
+
+
+def _up_accuracy(a, labels, lo, step):
+    """(20, U): accuracy of "a > t_j" for the 20 thresholds t_j = lo + j step."""
+    h_all, h_pos = _counts(a, labels, lo, step, floor=False)
+    above_all = h_all[:, ::-1].cumsum(1)[:, ::-1][:, 1:]  # k > j
+    above_pos = h_pos[:, ::-1].cumsum(1)[:, ::-1][:, 1:]
+    n, n_pos = len(labels), labels.sum()
+    return ((above_pos + (n - n_pos) - (above_all - above_pos)) / n).T
+
+
+def _down_accuracy(a, labels, lo, step):
+    """(20, U): accuracy of "a < t_i"; a < t_i holds when floor((a - lo) / step) + 1 <= i."""
+    h_all, h_pos = _counts(a, labels, lo, step, floor=True)
+    below_all = h_all.cumsum(1)[:, :20]  # k <= i
+    below_pos = h_pos.cumsum(1)[:, :20]
+    n, n_pos = len(labels), labels.sum()
+    return ((below_pos + (n - n_pos) - (below_all - below_pos)) / n).T
+
+
+def fast_unit_table(acts, labels, split, block=4096) -> "heldout.UnitTable":
+    """heldout.unit_table's choices (direction either, 20 paper thresholds on the selection half, ties
+    to the positive direction and the lowest threshold; for "less", the highest) by histogram counting
+    instead of a (rows x thresholds x units) comparison. AUCs: every unit's on the selection half (for
+    best_by_auc); on the evaluation half only for the two units a record reads (others NaN)."""
+    labels = np.asarray(labels).astype(bool)
+    sel, ev = split.selection, split.evaluation
+    parts = {k: [] for k in ("sa", "sign", "thr", "ea", "auc_s", "same")}
+    for c in range(0, acts.shape[1], block):
+        a = np.asarray(acts[:, c:c + block], np.float64)
+        a_sel, l_sel = a[sel], labels[sel]
+        lo, hi = a_sel.min(0), a_sel.max(0)
+        step = (hi - lo) / 19
+        up, down = _up_accuracy(a_sel, l_sel, lo, step), _down_accuracy(a_sel, l_sel, lo, step)
+        cols = np.arange(a.shape[1])
+        ku = up.argmax(0)
+        kd = 19 - down[::-1].argmax(0)  # the highest threshold among equals (heldout scans -a upwards)
+        flip = down[kd, cols] > up[ku, cols]
+        sign = np.where(flip, -1, 1)
+        thr = lo + np.where(flip, kd, ku) * step
+        a_ev = a[ev]
+        pred = np.where(sign > 0, a_ev > thr, a_ev < thr)
+        parts["sa"].append(np.where(flip, down[kd, cols], up[ku, cols]))
+        parts["sign"].append(sign)
+        parts["thr"].append(thr)
+        parts["ea"].append((pred == labels[ev][:, None]).mean(0))
+        parts["auc_s"].append(heldout.unit_auc(a_sel, l_sel))
+        alo, ahi = a.min(0), a.max(0)
+        parts["same"].append(_up_accuracy(a, labels, alo, (ahi - alo) / 19).max(0))
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    auc_e = np.full(len(cat["sa"]), np.nan)
+    table = heldout.UnitTable(cat["sa"], cat["sign"], cat["thr"], cat["ea"], cat["auc_s"], auc_e, cat["same"],
+                              "either")
+    for u in {table.best(), table.best_by_auc()}:
+        auc_e[u] = heldout.unit_auc(np.asarray(acts[ev, u], np.float64)[:, None], labels[ev])[0]
+    return table

@@ -10,6 +10,7 @@ second call only re-scores) and writes its row to experiments/results/NAME.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import sys
@@ -23,12 +24,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import evaluate as ev  # noqa: E402
+from grandmother import heldout  # noqa: E402
 from recipes import RECIPES, config_for  # noqa: E402
 
 DATA = ROOT / "runs" / "data"
 RUNS = ROOT / "runs" / "exp"
 RESULTS = ROOT / "experiments" / "results"
 RANDOM_SEEDS = range(5)
+PROTOCOL = "heldout-v1"  # grandmother.heldout with its defaults (split seed 0, direction either)
 
 
 def _network(cfg, tensors=None):
@@ -39,61 +42,62 @@ def _network(cfg, tensors=None):
     return net
 
 
-def _score_network(units: dict, labels, sel) -> dict:
-    """Per stage and over all stages: best unit's evaluation accuracy (chosen on selection) and AUCs."""
+def _score_network(units: dict, labels, split, groups) -> dict:
+    """Per stage (all its sublayers): the held-out record; "best" = the stage whose unit won on selection."""
     stages = sorted({s for s, _ in units})
     out = {"stages": []}
     for s in stages:
         acts = np.concatenate([units[k] for k in sorted(units) if k[0] == s], 1)
-        out["stages"].append({"stage": s, **ev.score_matrix(acts, labels, sel), "auc": ev.auc_summary(acts, labels, sel)})
+        out["stages"].append({"stage": s, **ev.score_matrix(acts, labels, split, groups)})
     best = max(out["stages"], key=lambda r: r["selection_accuracy"])  # chosen on selection, not evaluation
     out["best"] = {k: best[k] for k in ("stage", "unit", "direction", "selection_accuracy", "evaluation_accuracy", "ci95")}
     return out
 
 
-def _random_baseline(cfg, images, labels, sel, concept) -> dict:
+def _cached(path: Path, make):
+    if path.is_file():
+        return json.loads(path.read_text())
+    res = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res))
+    return res
+
+
+def _random_baseline(cfg, images, labels, split, groups, concept) -> dict:
     """The same architecture at 5 seeded initialisations; cached per architecture and test set."""
     model = {k: v for k, v in cfg.to_dict()["model"].items() if k not in ("sparsity", "tied", "stage_gradients", "kernel")}
-    key = hashlib.sha1(json.dumps([model, concept], sort_keys=True).encode()).hexdigest()[:12]
-    cache = RUNS / "_random" / f"{key}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    seeds = []
-    for seed in RANDOM_SEEDS:
-        cfg.train.seed = seed
-        seeds.append(_score_network(ev.network_units(_network(cfg), images), labels, sel))
-    cfg.train.seed = 0
-    res = {"seeds": seeds}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(res))
-    return res
+    key = hashlib.sha1(json.dumps([model, concept, PROTOCOL], sort_keys=True).encode()).hexdigest()[:12]
+
+    def make():
+        seeds = []
+        for seed in RANDOM_SEEDS:
+            c = copy.deepcopy(cfg)
+            c.train.seed = seed
+            seeds.append(_score_network(ev.network_units(_network(c), images), labels, split, groups))
+        return {"seeds": seeds}
+    return _cached(RUNS / "_random" / f"{key}.json", make)
 
 
-def _baselines(cfg, images, labels, sel, concept) -> dict:
+def _baselines(cfg, images, labels, split, groups, concept) -> dict:
     """Trivial cues, and 10,000 linear filters drawn from the main training set (the same for every row)."""
-    cache = RUNS / "_baselines" / f"{concept}_{cfg.model.input_norm}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    from grandmother.dataset import open_dataset
-    cues = {name: ev.score_matrix(v[:, None], labels, sel) for name, v in ev.trivial_cues(images).items()}
-    lin = ev.score_matrix(ev.linear_filters(_network(cfg), images, open_dataset(DATA / "train")), labels, sel)
-    res = {"trivial": cues, "linear_filter_10000": lin}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(res))
-    return res
+    def make():
+        from grandmother.dataset import open_dataset
+        cues = {name: ev.score_matrix(v[:, None], labels, split, groups) for name, v in ev.trivial_cues(images).items()}
+        lin = ev.score_matrix(ev.linear_filters(_network(cfg), images, open_dataset(DATA / "train")), labels, split, groups)
+        chance = heldout.public(heldout.majority_record(labels, split, groups))
+        return {"trivial": cues, "linear_filter_10000": lin, "majority": chance}
+    return _cached(RUNS / "_baselines" / f"{concept}_{cfg.model.input_norm}_{PROTOCOL}.json", make)
 
 
 def score(name: str, cfg, run_dir: Path, concept: str) -> dict:
     from grandmother.checkpoint import latest_checkpoint, load_checkpoint
-    images, labels, groups = ev.load_test(DATA / f"test_{concept}")
-    sel = ev.split_halves(labels, groups, seed=0)
+    images, labels, groups, split = ev.load_test(DATA / f"test_{concept}")
     tensors, _, _ = load_checkpoint(latest_checkpoint(run_dir))
-    trained = _score_network(ev.network_units(_network(cfg, tensors), images), labels, sel)
-    random = _random_baseline(cfg, images, labels, sel, concept)
+    trained = _score_network(ev.network_units(_network(cfg, tensors), images), labels, split, groups)
+    random = _random_baseline(cfg, images, labels, split, groups, concept)
     return {"test": f"test_{concept}", "images": int(len(labels)), "positives": int(labels.sum()),
-            "selection_images": int(sel.sum()), "evaluation_images": int((~sel).sum()),
-            "chance_evaluation": float(max(labels[~sel].mean(), 1 - labels[~sel].mean())),
-            "trained": trained, "random": random, **_baselines(cfg, images, labels, sel, concept)}
+            "protocol": split.protocol(labels), "trained": trained, "random": random,
+            **_baselines(cfg, images, labels, split, groups, concept)}
 
 
 def main(argv=None):
@@ -146,7 +150,7 @@ def main(argv=None):
     print(f"{args.name}: {timing['images_seen']} images in {timing['wall_s']:.0f} s; best unit "
           f"{f['trained']['best']['evaluation_accuracy']:.3f} (stage {f['trained']['best']['stage']}) vs random "
           f"{rnd:.3f}; top stage {top['evaluation_accuracy']:.3f} vs random {top_r:.3f}; "
-          f"AUC/stage " + " ".join(f"{s['auc']['evaluation_auc']:.2f}" for s in f["trained"]["stages"]))
+          f"AUC/stage " + " ".join(f"{s['best_auc']['evaluation_auc']:.2f}" for s in f["trained"]["stages"]))
 
 
 if __name__ == "__main__":

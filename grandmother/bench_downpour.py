@@ -63,6 +63,8 @@ def run_bench_downpour(base, data: Path, replica_counts: list[int], ps_shards: i
         raise GrandmotherError(f"--replicas {','.join(map(str, replica_counts))!r}: expected a comma-separated "
                                f"list of counts >= 1")
     log_every = max(1, base.train.steps // 20)
+    # Downpour does not project norms (train.norm_control): every engine of the table runs without it.
+    base.train.norm_control = "none"
     dataset, _ = open_training_data(Path(data), base.model.image_size, base.model.channels)
     cores = os.cpu_count() or 1
     out_root = Path(out) if out else Path(tempfile.mkdtemp(prefix="bench-downpour-"))

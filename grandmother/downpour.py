@@ -94,6 +94,9 @@ def check_resources(cfg: Config, cpus: float, gpus: float, where: str) -> None:
 
 def check_replica_settings(cfg: Config) -> None:
     d = cfg.downpour
+    if cfg.train.norm_control != "none":  # also here: callers may set engine after the config was validated
+        raise GrandmotherError(f"train.norm_control={cfg.train.norm_control}: the Downpour engine does not project "
+                               f"norms; use --set train.norm_control=none with --engine downpour")
     if d.replica_cpus < 0 or d.replica_gpus < 0:
         raise GrandmotherError("--replica-cpus and --replica-gpus must be >= 0")
     if d.replica_device == "cuda" and d.replica_gpus <= 0:

@@ -44,7 +44,8 @@ from PIL import Image
 
 from .errors import GrandmotherError
 from .images import Skipped, fit_image, list_images
-from .io import atomic_path
+from .plots import plot_confusions
+from .results import result_fields
 
 
 # ---------------------------------------------------------------- labeled images
@@ -350,43 +351,7 @@ def copy_for_finetuning(model: FeatureNet, classifier: nn.Module, device) -> tup
     return copy.deepcopy(model).to(device), copy.deepcopy(classifier).to(device)
 
 
-# ---------------------------------------------------------------- the classify command's work
-
-def plot_confusions(panels: list[tuple[str, np.ndarray, np.ndarray]], classes: list[str], path: Path) -> None:
-    """Row-normalised confusion matrices side by side, one per (title, truth, prediction)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import confusion_matrix
-
-    n = len(classes)
-    many = n > 20  # with ~100 classes, per-cell numbers and every tick label are unreadable
-    side = 4 if n <= 5 else (6 if not many else 9)
-    fig, axes = plt.subplots(1, len(panels), figsize=(side * len(panels) + 1, side), squeeze=False)
-    for ax, (title, truth, pred) in zip(axes[0], panels):
-        cm = confusion_matrix(truth, pred, labels=np.arange(n)).astype(float)
-        cm /= np.maximum(cm.sum(1, keepdims=True), 1)
-        im = ax.imshow(cm, vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(f"{title}: {(truth == pred).mean():.1%}", fontsize=10)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        if many:
-            step = max(1, n // 25)
-            ticks = np.arange(0, n, step)
-            ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=90, fontsize=5)
-            ax.set_yticks(ticks, [classes[i] for i in ticks], fontsize=5)
-        else:
-            ax.set_xticks(np.arange(n), classes, rotation=45, ha="right", fontsize=8)
-            ax.set_yticks(np.arange(n), classes, fontsize=8)
-            for i in range(n):
-                for j in range(n):
-                    ax.text(j, i, f"{cm[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if cm[i, j] < 0.6 else "black")
-    fig.colorbar(im, ax=list(axes[0]), fraction=0.03, label="fraction of the true class")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
-
+# ---------------------------------------------------------------- the whole protocol (grandmother classify)
 
 def run_classify(run_dir: Path, data_dir: Path, out: Path, *, split: Path | None = None, seed: int = 0,
                  features: str = "top", l2: float = 0.0, max_iter: int = 300, fine_tune: bool = False,
@@ -447,8 +412,7 @@ def run_classify(run_dir: Path, data_dir: Path, out: Path, *, split: Path | None
     out = Path(out)
     truth = data.labels[val_idx]
     report = {
-        "run": str(run_dir), "run_step": meta.get("step"), "run_images_seen": meta.get("images_seen"),
-        "preset": cfg.preset, "data": str(data_dir), "classes": data.classes,
+        **result_fields(run_dir, meta, command), "preset": cfg.preset, "data": str(data_dir), "classes": data.classes,
         "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
         "split": str(split) if split else f"random stratified 50/50, seed {seed}",
         "features": features, "feature_layers": feature_names,
@@ -464,8 +428,7 @@ def run_classify(run_dir: Path, data_dir: Path, out: Path, *, split: Path | None
         report["finetuned"] = tuned["learned"].summary()
         report["baselines"]["random_weights_finetuned"] = tuned["random_weights"].accuracy
     report.update({"skipped": data.skipped.items, "resized_images": data.resized, "upscaled_images": data.upscaled,
-                   "elapsed_s": round(time.perf_counter() - t_start, 1),
-                   "commands": [command] if command else []})
+                   "elapsed_s": round(time.perf_counter() - t_start, 1)})
     atomic_write_json(out / "classify.json", report)
     panels = [("learned features", truth, results["learned"].predictions)]
     if fine_tune:

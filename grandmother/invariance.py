@@ -29,8 +29,9 @@ import torch
 
 from .errors import GrandmotherError
 from .io import atomic_write_json
-from .units import Unit, unit_activation
-from .visualize import pyplot, save_figure
+from .results import result_fields
+from .units import Unit, unit_responses
+from .plots import plot_curve
 
 
 # ---------------------------------------------------------------- transforms
@@ -49,15 +50,11 @@ def warp(image: np.ndarray, scale: float = 1.0, dx: float = 0.0, dy: float = 0.0
     return np.clip(out, 0.0, 1.0)
 
 
-@torch.no_grad()
 def responses(net, unit: Unit, images: list[np.ndarray]) -> np.ndarray:
     """The unit's activation for each float (C, H, W) image in [0, 1]."""
     p = next(net.parameters())
     x = torch.from_numpy(np.stack(images)).to(p.device, p.dtype)
-    out = []
-    for start in range(0, len(x), 256):
-        out.append(unit_activation(net, net.prepare(x[start:start + 256]), unit).double().cpu().numpy())
-    return np.concatenate(out)
+    return unit_responses(net, unit, (net.prepare(x[s:s + 256]) for s in range(0, len(x), 256)))
 
 
 def transform_curve(net, unit: Unit, images: list[np.ndarray], values, make) -> dict:
@@ -142,25 +139,7 @@ def rotation_curve(net, unit: Unit, root: Path) -> dict:
             "sequences": per_sequence}
 
 
-# ---------------------------------------------------------------- plots and the command
-
-def plot_curve(curve: dict, xlabel: str, title: str, path: Path, threshold: float | None = None,
-               reference: float | None = None) -> None:
-    plt = pyplot()
-    x, mean, std = np.array(curve["x"]), np.array(curve["mean"]), np.array(curve["std"])
-    fig, ax = plt.subplots(figsize=(4.8, 3.4))
-    ax.plot(x, mean, "o-", color="#d62728", markersize=3, label="mean response")
-    ax.fill_between(x, mean - std, mean + std, color="#d62728", alpha=0.15, label="+- 1 std over images")
-    if reference is not None:
-        ax.axvline(reference, color="gray", linewidth=0.8)
-    if threshold is not None:
-        ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"probe threshold {threshold:.3g}")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("response")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
-
+# ---------------------------------------------------------------- ranges and the whole run
 
 def parse_range(text: str, flag: str) -> list[float]:
     """'START:STOP:COUNT' (inclusive, evenly spaced) or a comma list."""
@@ -215,9 +194,9 @@ def run_invariance(run_dir: Path, unit_text: str, images_dir: Path, out_dir: Pat
                    f"{unit}: out-of-plane rotation ({len(rot['sequences'])} sequences)", out_dir / "rotation.png",
                    threshold)
         files_out["rotation"] = "rotation.png"
-    result = {"unit": str(unit), "run_dir": str(Path(run_dir).resolve()), "checkpoint_step": meta.get("step"),
+    result = {**result_fields(run_dir, meta, command), "unit": str(unit),
               "images": [str(f) for f in files], "input_size": size, "interpolation": "cubic (cv2.INTER_CUBIC)",
               "border": "edge replication", "threshold": threshold, "curves": curves, "files": files_out,
-              "rotations": str(rotations) if rotations else None, "commands": [command] if command else []}
+              "rotations": str(rotations) if rotations else None}
     atomic_write_json(out_dir / "invariance.json", result)
     return result

@@ -20,8 +20,6 @@ Baselines (each scored with the same protocol on the same test set):
 """
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,8 @@ from .errors import GrandmotherError
 from .io import atomic_write_json
 from .probe_heldout import HeldoutSettings, heldout_probe
 from .probe_protocol import check_labels, fingerprint_of, run_protocol
-from .units import Unit, network_batch_fn, unit_activation, unit_at
+from .results import result_fields
+from .units import Unit, network_batch_fn, prepared_batches, unit_at, unit_responses
 
 TOP_UNITS = 20
 KMEANS_SIZE = 40
@@ -235,17 +234,14 @@ def run_probe(run_dir, testset_dir, out_dir, *, ablation=None, autoencoders=(), 
 
     # ============ the best unit's activations, for the histogram ============
     best = Unit.parse(summary["best"]["unit"])
-    with torch.no_grad():
-        acts = np.concatenate([unit_activation(net, net.prepare(dataset.get_batch(list(range(s, min(s + batch_size, n))))
-                                                                .to(device)), best).float().cpu().numpy()
-                               for s in range(0, n, batch_size)])
+    acts = unit_responses(net, best, prepared_batches(net, dataset, batch_size)).astype(np.float32)
     np.save(out_dir / "best_unit_activations.npy", acts)
     np.save(out_dir / "labels.npy", labels.astype(np.uint8))
 
-    result = {"run": str(run_dir), "testset": str(testset_dir), "concept": concept, "checkpoint_step": meta.get("step"),
-              "n_images": n, "n_positive": n_pos, "thresholds": "20 = linspace(min, max), both included",
-              **summary, "baselines": baselines, **({"heldout": held} if held is not None else {}),
-              "commands": [command or " ".join(shlex.quote(a) for a in ["grandmother", *sys.argv[1:]])]}
+    result = {**result_fields(run_dir, meta, command), "testset": str(Path(testset_dir).resolve()),
+              "concept": concept, "n_images": n, "n_positive": n_pos,
+              "thresholds": "20 = linspace(min, max), both included", **summary, "baselines": baselines,
+              **({"heldout": held} if held is not None else {})}
     atomic_write_json(out_dir / "probe.json", result)
     return result
 

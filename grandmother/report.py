@@ -6,9 +6,11 @@
 Where the results come from: the folders given with --probe / --visualize / --invariance / --classify
 (each flag repeatable). When none is given, they are discovered: every folder directly inside RUN_DIR or
 beside it (in RUN_DIR's parent) holding probe.json, visualize.json, invariance.json or classify.json
-whose recorded "run_dir" (probe.json: "run") is RUN_DIR (files that record no run_dir are taken too). Discovery is per
-kind: `--probe P` alone still discovers the visualize, invariance and classify folders. That is the layout
-`grandmother run` writes: OUT/run, OUT/probe_NAME, OUT/visualize_NAME, OUT/invariance_NAME, OUT/report.html.
+whose recorded "run_dir" is RUN_DIR (grandmother/results.py: one schema for every results file, the
+run as an absolute path, so the report finds them from any working directory; files that record no
+run_dir are taken too). Discovery is per kind: `--probe P` alone still discovers the visualize,
+invariance and classify folders. That is the layout `grandmother run` writes: OUT/run, OUT/probe_NAME,
+OUT/visualize_NAME, OUT/invariance_NAME, OUT/report.html.
 
 Images are inlined as base64 PNG (data: URLs), so the one file can be mailed or opened anywhere.
 """
@@ -20,11 +22,11 @@ import html
 import json
 from pathlib import Path
 
-import numpy as np
 
 from .errors import GrandmotherError
 from .io import atomic_write_text
-from .visualize import pyplot
+from .plots import health_curves, training_curves
+from .results import RESULT_FILES, read_result
 
 # Table 1 columns: key in probe.json ("best" or a "baselines" entry) and the paper's column name.
 TABLE_COLUMNS = [
@@ -53,18 +55,7 @@ PAPER_TABLE1 = {
                   "kmeans": 68.5},
 }
 
-RESULT_FILES = {"probe": "probe.json", "visualize": "visualize.json", "invariance": "invariance.json",
-                "classify": "classify.json"}
-
-
 # ---------------------------------------------------------------- reading results
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise GrandmotherError(f"{path}: unreadable ({e})") from None
-
 
 def result_dirs(kind: str, given: list[Path] | None, run_dir: Path) -> list[Path]:
     """Folders holding `kind`'s JSON: the given ones (checked), or the discovered ones."""
@@ -80,8 +71,7 @@ def result_dirs(kind: str, given: list[Path] | None, run_dir: Path) -> list[Path
         for d in sorted(p for p in parent.iterdir() if p.is_dir()):
             f = d / name
             if f.is_file() and d.resolve() not in [x.resolve() for x in found]:
-                data = read_json(f)
-                recorded = data.get("run_dir") or data.get("run")  # probe.json names it "run"
+                recorded = read_result(f).get("run_dir")
                 if recorded is None or Path(recorded).resolve() == run_dir:
                     found.append(d)
     return found
@@ -133,61 +123,8 @@ def inline_png(path: Path, alt: str, width: int | None = None) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"{w}>'
 
 
-def figure_png(fig) -> bytes:
-    import io
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    pyplot().close(fig)
-    return buf.getvalue()
-
-
 def png_tag(data: bytes, alt: str) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" alt="{html.escape(alt)}">'
-
-
-def training_curves(records: list[dict]) -> bytes | None:
-    """Total loss, and each stage's reconstruction and sparsity terms, against images seen."""
-    if not records:
-        return None
-    plt = pyplot()
-    x = np.array([r.get("images", r["step"]) for r in records], float)
-    xlabel = "images seen" if "images" in records[0] else "step"
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    axes[0].plot(x, [r["loss"] for r in records], color="black")
-    axes[0].set_title("training objective (all stages)")
-    n_stages = max((len(r.get("stages") or []) for r in records), default=0)
-    for s in range(n_stages):
-        pts = [(xi, r["stages"][s]) for xi, r in zip(x, records) if len(r.get("stages") or []) > s]
-        xs = [p[0] for p in pts]
-        axes[1].plot(xs, [p[1].get("reconstruction", np.nan) for p in pts], label=f"stage {s}")
-        axes[2].plot(xs, [p[1].get("sparsity", np.nan) for p in pts], label=f"stage {s}")
-    axes[1].set_title("reconstruction ||W2 W1 x - x||^2")
-    axes[2].set_title("sparsity lambda * sum sqrt(eps + H y^2)")
-    for ax in axes:
-        ax.set_xlabel(xlabel)
-        if all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
-            ax.set_yscale("log")  # the terms fall over orders of magnitude early in training
-        if ax is not axes[0] and n_stages:
-            ax.legend(fontsize=8)
-    return figure_png(fig)
-
-
-def health_curves(records: list[dict]) -> bytes | None:
-    """Per stage: median encoder and decoder norms, and the dead-unit fraction, against images seen."""
-    recs = [r for r in records if r.get("stages") and "encoder_norm" in r["stages"][0]]
-    if not recs:
-        return None
-    plt = pyplot()
-    x = [r.get("images", r["step"]) for r in recs]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
-    for s in range(len(recs[0]["stages"])):
-        for ax, key in zip(axes, ("encoder_norm", "decoder_norm", "dead_fraction")):
-            ax.plot(x, [r["stages"][s][key] for r in recs], label=f"stage {s}")
-    for ax, title in zip(axes, ("median encoder vector norm", "median decoder vector norm", "dead pooling units")):
-        ax.set_title(title)
-        ax.set_xlabel("images seen")
-        ax.legend(fontsize=8)
-    return figure_png(fig)
 
 
 def section_filters(run_dir: Path) -> str:
@@ -511,7 +448,7 @@ def build_report(run_dir: Path, out: Path, probes=None, visualize=None, invarian
         raise GrandmotherError(f"RUN_DIR {run_dir}: not a folder")
     records = read_metrics(run_dir)
     training, scale = section_training(run_dir, records)
-    found = {kind: [(d, read_json(d / RESULT_FILES[kind])) for d in result_dirs(kind, given, run_dir)]
+    found = {kind: [(d, read_result(d / RESULT_FILES[kind])) for d in result_dirs(kind, given, run_dir)]
              for kind, given in (("probe", probes), ("visualize", visualize), ("invariance", invariance),
                                  ("classify", classify))}
     commands = list(first_commands or [])

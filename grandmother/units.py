@@ -1,4 +1,4 @@
-"""Naming single units ("neurons") of a network, and reading their activations.
+"""Naming single units ("neurons") of a network, and reading their activations: the one place for both.
 
 A unit is one output of one sublayer: stage s, sublayer (filter, pool or lcn), map m, location (y, x).
 Its id is written  s{stage}.{sublayer}.m{map}.y{row}.x{col}  e.g.  s2.lcn.m3.y10.x12
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -94,3 +95,19 @@ def network_batch_fn(net, dataset, device):
         out = net(x, objective=False)
         return torch.cat([out.stages[s][name].flatten(1) for s, name, _, _ in layout], 1).float().cpu()
     return fn, layout
+
+
+# ---------------------------------------------------------------- one unit over many images
+
+def prepared_batches(net, dataset, batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """The dataset's images in order, in prepared batches on the network's device."""
+    device = next(net.parameters()).device
+    for start in range(0, len(dataset), batch_size):
+        yield net.prepare(dataset.get_batch(list(range(start, min(start + batch_size, len(dataset))))).to(device))
+
+
+@torch.no_grad()
+def unit_responses(net, unit: Unit, batches: Iterable[torch.Tensor]) -> np.ndarray:
+    """The unit's activation (float64) for every image of the prepared input batches, in order."""
+    out = [unit_activation(net, x, unit).double().cpu().numpy() for x in batches]
+    return np.concatenate(out) if out else np.zeros(0)

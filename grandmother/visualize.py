@@ -32,9 +32,10 @@ import torch
 
 from .errors import GrandmotherError
 from .io import atomic_path, atomic_write_json
-from .units import Unit, unit_activation
+from .plots import NEGATIVE_COLOR, POSITIVE_COLOR, save_histogram
+from .results import result_fields
+from .units import Unit, prepared_batches, unit_activation, unit_responses
 
-POSITIVE_COLOR, NEGATIVE_COLOR = "#d62728", "#1f77b4"  # red faces, blue no-faces (Figure 2)
 
 
 # ---------------------------------------------------------------- test set and activations
@@ -52,17 +53,6 @@ def open_labeled_testset(path: Path, net):
     return ds, labels, index
 
 
-@torch.no_grad()
-def unit_responses(net, dataset, unit: Unit, batch_size: int = 256) -> np.ndarray:
-    """The unit's activation on every image of `dataset` (float64, in dataset order)."""
-    device = next(net.parameters()).device
-    out = []
-    for start in range(0, len(dataset), batch_size):
-        batch = dataset.get_batch(list(range(start, min(start + batch_size, len(dataset))))).to(device)
-        out.append(unit_activation(net, net.prepare(batch), unit).double().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
-
-
 def balanced_subsample(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     """Indices with as many positives as negatives (the larger class subsampled without replacement)."""
     labels = np.asarray(labels)
@@ -73,13 +63,6 @@ def balanced_subsample(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- writing pictures
-
-def save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
 
 def save_png(array: np.ndarray, path: Path) -> None:
     """uint8 (H, W) or (H, W, 3) array to a PNG file."""
@@ -92,33 +75,6 @@ def save_npy(array: np.ndarray, path: Path) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_histogram(acts: np.ndarray, labels: np.ndarray, path: Path, title: str, threshold: float | None = None,
-                   concept: str = "positives", seed: int = 0) -> dict:
-    """Figure 2: histogram of positives vs negatives on a 1:1 subsample of the test set."""
-    plt = pyplot()
-    idx = balanced_subsample(labels, seed)
-    a, lab = acts[idx], labels[idx]
-    edges = np.histogram_bin_edges(a, bins=40)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.hist(a[lab == 0], bins=edges, color=NEGATIVE_COLOR, alpha=0.6, label=f"no {concept} ({(lab == 0).sum()})")
-    ax.hist(a[lab == 1], bins=edges, color=POSITIVE_COLOR, alpha=0.6, label=f"{concept} ({(lab == 1).sum()})")
-    if threshold is not None:
-        ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.3g}")
-    ax.set_xlabel("activation")
-    ax.set_ylabel("number of images")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
-    return {"images_per_class": int(len(idx) // 2), "seed": seed}
 
 
 def image_grid(images: np.ndarray, frames: list[tuple[int, int, int]] | None, cols: int, tile: int) -> np.ndarray:
@@ -267,7 +223,7 @@ def first_stage_filters(net, tile: int = 40) -> np.ndarray:
     return image_grid(np.concatenate(tiles), frames, cols=f.maps, tile=tile)
 
 
-# ---------------------------------------------------------------- the command
+# ---------------------------------------------------------------- the whole run (grandmother visualize)
 
 def unit_from_probe(probe_dir: Path) -> tuple[str, float | None, str | None]:
     """(best unit id, its threshold, concept) from PROBE_DIR/probe.json: the held-out best unit (chosen on the
@@ -298,10 +254,12 @@ def run_visualize(run_dir: Path, testset_dir: Path, unit_text: str, out_dir: Pat
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    acts = unit_responses(net, ds, unit, batch_size)
+    acts = unit_responses(net, unit, prepared_batches(net, ds, batch_size))
     save_npy(acts.astype(np.float32), out_dir / "activations.npy")
-    hist = save_histogram(acts, labels, out_dir / "histogram.png", f"{unit}: {concept} vs distractors (1:1)",
-                          threshold, concept, seed)
+    idx = balanced_subsample(labels, seed)
+    save_histogram(acts[idx], labels[idx], out_dir / "histogram.png", f"{unit}: {concept} vs distractors (1:1)",
+                   threshold, concept)
+    hist = {"images_per_class": int(len(idx) // 2), "seed": seed}
     top_info = save_top_images(ds, acts, labels, out_dir / "top_images.png", count=top)
 
     x, value, info = optimal_stimulus(net, unit, radius, restarts, max_iters, seed)
@@ -310,8 +268,8 @@ def run_visualize(run_dir: Path, testset_dir: Path, unit_text: str, out_dir: Pat
     save_png(stimulus_picture(x_unit), out_dir / "optimal_stimulus.png")
 
     result = {
-        "unit": str(unit), "run_dir": str(Path(run_dir).resolve()), "testset": str(Path(testset_dir).resolve()),
-        "concept": concept, "checkpoint_step": meta.get("step"), "threshold": threshold,
+        **result_fields(run_dir, meta, command), "unit": str(unit), "testset": str(Path(testset_dir).resolve()),
+        "concept": concept, "threshold": threshold,
         "test_images": int(len(labels)), "positives": int(labels.sum()),
         "activation": {"min": float(acts.min()), "max": float(acts.max()),
                        "mean_positive": float(acts[labels == 1].mean()),
@@ -322,7 +280,6 @@ def run_visualize(run_dir: Path, testset_dir: Path, unit_text: str, out_dir: Pat
         "files": {"histogram": "histogram.png", "top_images": "top_images.png",
                   "optimal_stimulus": "optimal_stimulus.png", "optimal_stimulus_array": "optimal_stimulus.npy",
                   "activations": "activations.npy"},
-        "commands": [command] if command else [],
     }
     atomic_write_json(out_dir / "visualize.json", result)
     return result

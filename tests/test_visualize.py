@@ -222,14 +222,14 @@ def test_report_is_one_html_file_with_table1_and_inlined_figures(tmp_path):
     probe = tmp_path / "out" / "probe_faces"
     probe.mkdir()
     (probe / "probe.json").write_text(json.dumps({
-        "concept": "faces", "run": str(run),
+        "concept": "faces", "run_dir": str(run.resolve()),
         "best": {"unit": "s0.lcn.m1.y3.x4", "accuracy": 0.7345, "threshold": 0.5},
         "top": [{"unit": "s0.lcn.m1.y3.x4", "accuracy": 0.7345}],
         "baselines": {"random_guess": 0.648, "random_weights": 0.6612, "linear_filter": 0.7011, "first_stage": 0.7345},
         "commands": ["grandmother probe RUN --testset T --out P"]}))
     other = tmp_path / "out" / "probe_other_run"  # another run's probe: must not be picked up
     other.mkdir()
-    (other / "probe.json").write_text(json.dumps({"concept": "cats", "run": str(tmp_path / "elsewhere"),
+    (other / "probe.json").write_text(json.dumps({"concept": "cats", "run_dir": str(tmp_path / "elsewhere"),
                                                   "best": {"unit": "s0.lcn.m0.y0.x0", "accuracy": 0.9}}))
     vis = tmp_path / "out" / "visualize"
     vis.mkdir()

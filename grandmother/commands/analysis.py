@@ -18,7 +18,7 @@ def cmd_probe(args) -> int:
                     linear_filters=args.linear_filters, train_data=args.train_data, kmeans_train=args.kmeans_train,
                     kmeans_centroids=args.kmeans_centroids, random_weights=not args.no_random_weights,
                     batch_size=args.batch_size, device=args.device, concept=args.concept, progress=True,
-                    heldout=heldout)
+                    heldout=heldout, command=command_line())
     print(format_table(res))
     print(f"wrote {Path(args.out) / 'probe.json'}")
     return 0

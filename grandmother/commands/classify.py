@@ -1,20 +1,9 @@
 """Subcommand: classify (object recognition on learned features; see grandmother/classify.py)."""
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
-
-def command_line(args) -> str:
-    """The command that reproduces this run: every option spelled out (defaults included)."""
-    words = ["grandmother", "classify", str(args.run_dir), "--data", str(args.data), "--out", str(args.out)]
-    if args.split:
-        words += ["--split", str(args.split)]
-    words += ["--seed", str(args.seed), "--features", args.features, "--l2", str(args.l2),
-              "--max-iter", str(args.max_iter), "--batch-size", str(args.batch_size), "--device", args.device]
-    if args.finetune:
-        words += ["--finetune", "--finetune-epochs", str(args.finetune_epochs), "--finetune-lr", str(args.finetune_lr)]
-    return shlex.join(words)
+from .common import command_line
 
 
 def cmd_classify(args):
@@ -22,7 +11,7 @@ def cmd_classify(args):
     run_classify(Path(args.run_dir), Path(args.data), Path(args.out), split=Path(args.split) if args.split else None,
                  seed=args.seed, features=args.features, l2=args.l2, max_iter=args.max_iter, fine_tune=args.finetune,
                  finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, batch_size=args.batch_size,
-                 device=args.device, progress=not args.quiet, command=command_line(args))
+                 device=args.device, progress=not args.quiet, command=command_line())
     return 0
 
 

@@ -2,7 +2,8 @@
 
 For each kernel registered for the device it times, on random images of the preset's shape: the
 locally connected maps alone (lc_layers), forward (network with objective), forward+backward, and the
-full training step (forward, backward, Adagrad update); then, once, the training step with the locally
+full training step (the trainer's own `train.train_step`: forward, backward, the update of
+`train.optimizer`, so `--set train.optimizer=sgd` times SGD); then, once, the training step with the locally
 connected maps skipped (the floor no kernel can go below). FLOPs come from grandmother/shapes.py; the
 yardsticks are a large float32 matmul and a large copy timed in the same run, so "fraction_of_matmul"
 is comparable across noisy or shared machines.
@@ -84,7 +85,7 @@ def kernel_workspace(cfg, batch_size: int, kernel: str, device_type: str) -> int
 
 
 def memory_estimate(cfg, batch_size: int, workspace_bytes: int = 0) -> dict:
-    """Bytes of one float32 training step: parameters, gradients, Adagrad state, activations.
+    """Bytes of one float32 training step: parameters, gradients, optimizer state, activations.
 
     Activations: per stage, the tensors autograd keeps (input, filter output, pooled output, LCN
     intermediates ~4x the pooled size, reconstruction) at float32. An estimate, not a measurement.
@@ -99,7 +100,9 @@ def memory_estimate(cfg, batch_size: int, workspace_bytes: int = 0) -> dict:
         n_f = s.filter[0] * s.filter[1] * s.filter[2]
         n_p = s.pool[0] * s.pool[1] * s.pool[2]
         act += 2 * n_in + 2 * n_f + 5 * n_p
-    out = {"parameters": 4 * params, "gradients": 4 * params, "adagrad_state": 4 * params,
+    t = cfg.train  # tensors of optimizer state per parameter tensor
+    states = {"adagrad": 1, "adam": 2, "sgd": 1 if t.momentum else 0}.get(t.optimizer, 1)
+    out = {"parameters": 4 * params, "gradients": 4 * params, f"{t.optimizer}_state": 4 * params * states,
            "activations": 4 * act * batch_size, "kernel_workspace": workspace_bytes}
     out["total"] = sum(out.values())
     return out
@@ -177,10 +180,12 @@ def run_bench(cfg, device: torch.device, batch_size: int, kernels: list[str] | N
 
 
 def _step_functions(cfg, images, device):
-    """(net, forward, forward_backward, train) closures over one network built with cfg.model.kernel."""
+    """(net, forward, forward_backward, train) closures over one network built with cfg.model.kernel;
+    `train` is the trainer's own step (train.train_step) with the config's optimizer."""
     from .model import Network
-    net = Network(cfg.model, generator=torch.Generator().manual_seed(0), device=device)
     from .optim import build_optimizer
+    from .train import train_step
+    net = Network(cfg.model, generator=torch.Generator().manual_seed(0), device=device)
     opt = build_optimizer(net.parameters(), cfg.train)  # the trainer's optimizer (train.fused_optimizer)
     x = net.prepare(images)
 
@@ -193,9 +198,7 @@ def _step_functions(cfg, images, device):
         net(x, objective=True).loss.backward()
 
     def train():
-        opt.zero_grad(set_to_none=False)
-        net(x, objective=True).loss.backward()
-        opt.step()
+        train_step(net, opt, images, cfg.train)
 
     return net, forward, forward_backward, train
 
@@ -224,7 +227,7 @@ def _skipped_lc(layer, which: str):
 def _lc_layers_only(net, shapes, batch_size: int, device):
     """The locally connected maps alone, every stage: encode, decode and both their backwards.
 
-    Separates the kernels' own rate from the rest of the step (pooling, LCN, the loss, Adagrad): the
+    Separates the kernels' own rate from the rest of the step (pooling, LCN, the loss, the optimizer): the
     "lc_layers" row is what a kernel reaches; "train" is what the network reaches with it.
     FLOPs: six matrix products of the encoder's size per stage (2 forward, 4 backward).
     """
@@ -267,7 +270,7 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['impl']:<12} {r['step']:<17} {r['seconds_per_batch']:>9.4f} {r['images_per_s']:>10.1f} "
                      f"{r['gflops']:>9.2f} {100 * r['fraction_of_matmul']:>9.1f}% "
                      f"{r['peak_memory_bytes'] / 2**20:>9.0f}")
-    lines.append(f"rest of the training step (pooling, LCN, objective, Adagrad; locally connected maps skipped): "
+    lines.append(f"rest of the training step (pooling, LCN, objective, optimizer; locally connected maps skipped): "
                  f"{result['rest_of_train_step_seconds']:.4f} s/batch; a whole step at 25% of matmul would take "
                  f"{result['train_step_seconds_at_25_percent']:.4f} s")
     if "peers" in result:

@@ -6,8 +6,8 @@ Prints one table. Ingest: `--limit` files from --src decoded into a temporary da
 (workers 1) and with --workers processes, at the small preset's input (32x32 gray) and the paper's
 (200x200 rgb). Loader: batches of 100 from a seeded permutation over all shards, through
 `load_batches` with 0 and --workers background workers; "200 rgb -> 32 gray" is a 200x200 rgb
-dataset converted on the fly for the small preset. Training: the small preset's Network with Adagrad on
-random batches of 100 (the rate the loader has to sustain).
+dataset converted on the fly for the small preset. Training: the trainer's own step (train.train_step) on the small
+preset with its optimizer, on random batches of 100 (the rate the loader has to sustain).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .config import load_config
 from .dataset import BatchOrder, load_batches, open_dataset
 from .errors import GrandmotherError
 from .ingest import expand_sources, ingest
@@ -41,18 +42,17 @@ def time_loader(ds, batches: int, workers: int) -> float:
 
 
 def small_training_rate(steps: int = 5) -> float:
-    from .config import load_config
+    """Images/s of the trainer's own step (train.train_step) on the small preset, batch 100."""
     from .model import Network
+    from .optim import build_optimizer
+    from .train import train_step
     cfg = load_config("small")
     net = Network(cfg.model, generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.Adagrad(net.parameters(), lr=cfg.train.lr)
+    opt = build_optimizer(net.parameters(), cfg.train)
     x = torch.randint(0, 256, (100, cfg.model.channels, cfg.model.image_size, cfg.model.image_size), dtype=torch.uint8)
 
     def step():
-        out = net(net.prepare(x), objective=True)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
+        train_step(net, opt, x, cfg.train)
     step()  # warm-up
     t = time.perf_counter()
     for _ in range(steps):
@@ -81,7 +81,8 @@ def run_bench_data(src: Path, limit: int = 600, workers: int = 2, batches: int =
                     label += " -> 32 gray"
                 rows.append({"what": "loader", "config": label, "workers": w, "images_per_s": time_loader(ds, batches, w)})
     train_rate = small_training_rate()
-    rows.append({"what": "train", "config": "small preset, batch 100, Adagrad", "workers": 0, "images_per_s": train_rate})
+    rows.append({"what": "train", "config": f"small preset, batch 100, {load_config('small').train.optimizer}",
+                 "workers": 0, "images_per_s": train_rate})
     print(f"{'what':<8} {'configuration':<34} {'workers':>7} {'images/s':>10} {'x train':>8}")
     for r in rows:
         print(f"{r['what']:<8} {r['config']:<34} {r['workers']:>7} {r['images_per_s']:>10.0f} "

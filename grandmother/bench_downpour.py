@@ -58,7 +58,6 @@ def run_bench_downpour(base, data: Path, replica_counts: list[int], ps_shards: i
     from .downpour import connect_ray, train_downpour
     from .train import train
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not replica_counts or min(replica_counts) < 1:
         raise GrandmotherError(f"--replicas {','.join(map(str, replica_counts))!r}: expected a comma-separated "
                                f"list of counts >= 1")

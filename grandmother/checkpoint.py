@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import Config, read_config
 from .errors import GrandmotherError
-from .io import atomic_write_text
+from .io import atomic_write_text, truncate_jsonl
 
 CKPT_DIR = "checkpoints"
 
@@ -149,10 +149,46 @@ def _first_difference(a, b, path="model") -> str:
     return f"{path}: {a} in the checkpoint, {b} in the config"
 
 
-def load_run(run_dir: Path, device="cpu", step: int | None = None):
-    """(cfg, net, meta) of a training run: its config and the network with its latest (or given) weights."""
-    from .model import Network
+# ---------------------------------------------------------------- a training run's folder
 
+def open_run(out_dir: Path, cfg: Config, resume: bool, engine: str) -> tuple[Path | None, dict | None]:
+    """(checkpoint, its meta) a training run continues from, or (None, None) for a new run.
+
+    Both engines call this before any slow work; it refuses in one line an existing run without
+    --resume, a checkpoint of another model, and one written by another engine.
+    """
+    out_dir = Path(out_dir)
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None and not resume:
+        raise GrandmotherError(f"{out_dir} already holds a run (checkpoint {ckpt.name}); pass --resume to "
+                               f"continue it, or choose another --out")
+    if ckpt is None:
+        return None, None
+    meta = read_meta(ckpt)
+    check_compatible(meta, cfg, ckpt)
+    if meta.get("engine", "local") != engine:
+        raise GrandmotherError(f"checkpoint {ckpt} was written by --engine {meta.get('engine', 'local')}; "
+                               f"resume it with that engine, or choose another --out")
+    return ckpt, meta
+
+
+def continue_run(out_dir: Path, meta: dict | None, resume: bool) -> None:
+    """Say where a run starts; when it resumes, drop the metrics lines an interrupted session logged past
+    its checkpoint (they are logged again)."""
+    out_dir = Path(out_dir)
+    if meta is not None:
+        truncate_jsonl(out_dir / "metrics.jsonl", meta["step"])
+        print(f"resuming {out_dir} from step {meta['step']} ({meta['images_seen']} images seen)")
+    elif resume:
+        print(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
+
+
+def read_run(run_dir: Path, step: int | None = None) -> tuple[Config, Path]:
+    """(config, checkpoint folder) of a training run: its latest checkpoint, or the one of `step`.
+
+    The one reader of a run folder (load_run and the report use it); one-line errors for a folder
+    that is not a run or has no such checkpoint.
+    """
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
@@ -161,6 +197,14 @@ def load_run(run_dir: Path, device="cpu", step: int | None = None):
     path = latest_checkpoint(run_dir) if step is None else run_dir / CKPT_DIR / f"step_{step:08d}"
     if path is None or not path.is_dir():
         raise GrandmotherError(f"run directory {run_dir} has no checkpoint" + ("" if step is None else f" for step {step}"))
+    return cfg, path
+
+
+def load_run(run_dir: Path, device="cpu", step: int | None = None):
+    """(cfg, net, meta) of a training run: its config and the network with its latest (or given) weights."""
+    from .model import Network
+
+    cfg, path = read_run(run_dir, step)
     tensors, _, meta = load_checkpoint(path, map_location=device)
     check_compatible(meta, cfg, path)
     net = Network(cfg.model, device="meta")  # no memory for random weights we would overwrite

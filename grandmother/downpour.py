@@ -38,14 +38,13 @@ import numpy as np
 import ray
 import torch
 
-from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, model_signature, read_meta, rng_state,
-                         save_checkpoint)
+from .checkpoint import continue_run, load_checkpoint, model_signature, open_run, read_meta, rng_state, save_checkpoint
 from .config import Config, save_config
 from .dataset import open_training_data
 from .downpour_ps import FlatLayout, ParamShard, shard_bounds
 from .downpour_replica import Replica
 from .errors import GrandmotherError
-from .io import append_jsonl, atomic_write_json, truncate_jsonl
+from .io import append_jsonl, atomic_write_json
 from .model import build_network
 from .runtime import seed_everything
 
@@ -56,9 +55,6 @@ MAX_RESTARTS = 3  # per replica; a replica that keeps dying is a bug, not bad lu
 
 def check_resume_layout(meta: dict, cfg: Config, where: Path) -> None:
     d = cfg.downpour
-    if meta.get("engine") != "downpour":
-        raise GrandmotherError(f"checkpoint {where} was written by --engine {meta.get('engine', 'local')}; "
-                               f"resume it with that engine, or choose another --out")
     shards = meta.get("ps_layout", {}).get("shards")
     if shards != d.ps_shards:
         raise GrandmotherError(f"checkpoint {where} has {shards} parameter-server shards, this run asks for "
@@ -121,7 +117,9 @@ def check_address_reachable(address: str, timeout_s: float = 3.0) -> None:
 
 
 def connect_ray(cfg: Config) -> bool:
-    """Start an embedded Ray or join a cluster; True if this call started/joined it (and must shut it down)."""
+    """Start an embedded Ray or join a cluster; True if this call started/joined it (and must shut it down).
+
+    The one place that calls ray.init, so the one place that sets RAY_AUTH_MODE (unless the caller did)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     d = cfg.downpour
     if ray.is_initialized():  # the caller (a test, a notebook) owns Ray; use it as it is
@@ -255,13 +253,8 @@ def train_downpour(cfg: Config, data_path: Path, out_dir: Path, resume: bool = F
     if cfg.train.partition:
         from .parallel.downpour_mp import check_partitioned_downpour
         check_partitioned_downpour(cfg)
-    ckpt = latest_checkpoint(out_dir)
-    if ckpt is not None and not resume:
-        raise GrandmotherError(f"{out_dir} already holds a run (checkpoint {ckpt.name}); pass --resume to "
-                               f"continue it, or choose another --out")
+    ckpt, meta = open_run(out_dir, cfg, resume, engine="downpour")
     if ckpt is not None:
-        meta = read_meta(ckpt)
-        check_compatible(meta, cfg, ckpt)
         check_resume_layout(meta, cfg, ckpt)
     if ray.is_initialized():  # a caller's Ray (tests, notebooks): check against what it has
         res = ray.cluster_resources()
@@ -290,12 +283,9 @@ def train_downpour(cfg: Config, data_path: Path, out_dir: Path, resume: bool = F
         tensors, state, meta = load_checkpoint(ckpt)
         flat = layout.flatten(tensors)
         shard_states = state["ps_shards"]
-        truncate_jsonl(out_dir / "metrics.jsonl", meta["step"])  # lines the interrupted run logged past it
-        print(f"resuming {out_dir} from step {meta['step']} ({meta['images_seen']} images seen)")
     else:
         flat = layout.flatten(dict(net.named_parameters()))
-        if resume:
-            print(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
+    continue_run(out_dir, meta, resume)
     del net
 
     # ============ Ray; the run directory is written only once the cluster is known to fit ============

@@ -84,9 +84,6 @@ class Replica:
         self.pending = None  # (seq, step_end, refs, version its gradient was computed at) of the push in flight
         self.staleness = 0
 
-    def pid(self) -> int:
-        return os.getpid()
-
     # ------------------------------------------------------------ talking to the shards
 
     def _fetch(self):

@@ -183,16 +183,10 @@ img{max-width:100%;margin:4px;vertical-align:top}.note{color:#555;font-size:90%}
 # ---------------------------------------------------------------- sections
 
 def section_training(run_dir: Path, records: list[dict]) -> tuple[str, dict]:
-    from .checkpoint import latest_checkpoint, read_meta
-    from .config import read_config
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise GrandmotherError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = read_config(cfg_path)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise GrandmotherError(f"run directory {run_dir} has no checkpoint")
+    from .checkpoint import read_meta, read_run
+    cfg, ckpt = read_run(run_dir)
     meta = read_meta(ckpt)
+    cfg_path = run_dir / "config.yaml"
     m = cfg.model
     stages = ", ".join(f"{s.maps} maps of {s.receptive_field}x{s.receptive_field} stride {s.stride}, "
                        f"pool {s.pool_size}" for s in m.stages)

@@ -235,8 +235,4 @@ def _progress(it, total, progress):
     return tqdm(it, total=total, desc="testset", unit="img", disable=None)
 
 
-def read_excluded(path: Path) -> list[str]:
-    return [ln for ln in Path(path).read_text().splitlines() if ln]
-
-
-__all__ = ["build_testset", "open_testset", "plan_testset", "PAPER_POSITIVE_FRACTION", "read_excluded"]
+__all__ = ["build_testset", "open_testset", "plan_testset", "PAPER_POSITIVE_FRACTION"]

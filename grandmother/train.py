@@ -14,23 +14,37 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, model_signature, read_meta, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (continue_run, load_checkpoint, model_signature, open_run, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import Config, save_config
 from .dataset import BatchOrder, load_batches, open_training_data
 from .errors import GrandmotherError
-from .io import append_jsonl, atomic_write_json, truncate_jsonl
+from .io import append_jsonl, atomic_write_json
 from .model import Network, build_network
 from .optim import build_optimizer
 from .runtime import resolve_device, seed_everything
 
 
-# ---------------------------------------------------------------- one training step's loss
+# ---------------------------------------------------------------- one training step (also what `bench` times)
 
 def loss_and_terms(net: Network, images: torch.Tensor):
     """Forward with the objective on one uint8 batch; returns (loss tensor, per-stage term tensors)."""
     out = net(net.prepare(images), objective=True)
     return out.loss, out.terms
+
+
+def train_step(net: Network, opt: torch.optim.Optimizer, batch: torch.Tensor, train_cfg):
+    """One optimizer step on one uint8 batch: objective, backward, optional clipping (train.grad_clip),
+    update, then the norm projection (train.norm_control). Returns the network's output on the batch
+    before the update (loss, per-stage terms, activations)."""
+    out = net(net.prepare(batch), objective=True)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if train_cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), train_cfg.grad_clip)
+    opt.step()
+    net.project_norms(train_cfg.norm_control)
+    return out
 
 
 def terms_to_floats(terms) -> list[dict[str, float]]:
@@ -45,16 +59,7 @@ def train(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, pro
     # ============ setup ============
     out_dir = Path(out_dir)
     device = resolve_device(cfg.train.device)
-    ckpt = latest_checkpoint(out_dir)
-    if ckpt is not None and not resume:
-        raise GrandmotherError(f"{out_dir} already holds a run (checkpoint {ckpt.name}); pass --resume to "
-                               f"continue it, or choose another --out")
-    if ckpt is not None:  # refuse a checkpoint of another model or engine before any slow work
-        meta = read_meta(ckpt)
-        check_compatible(meta, cfg, ckpt)
-        if meta.get("engine", "local") != "local":
-            raise GrandmotherError(f"checkpoint {ckpt} was written by --engine {meta['engine']}; resume it with "
-                                   f"that engine, or choose another --out")
+    ckpt, meta = open_run(out_dir, cfg, resume, engine="local")  # refuses a foreign run before any slow work
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
 
@@ -85,10 +90,7 @@ def train(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, pro
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step, images_seen = meta["step"], meta["images_seen"]
-        truncate_jsonl(out_dir / "metrics.jsonl", start_step)  # lines the interrupted run logged past it
-        print(f"resuming {out_dir} from step {start_step} ({images_seen} images seen)")
-    elif resume:
-        print(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
+    continue_run(out_dir, meta, resume)
     save_config(cfg, out_dir / "config.yaml")
 
     def checkpoint(step):
@@ -113,14 +115,8 @@ def train(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, pro
                                workers=cfg.train.num_workers, pin_memory=device.type == "cuda")
         for step, batch in zip(range(start_step, steps), batches):
             batch = batch.to(device, non_blocking=True)
-            out = net(net.prepare(batch), objective=True)
+            out = train_step(net, opt, batch, cfg.train)
             loss, terms = out.loss, out.terms
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
-            opt.step()
-            net.project_norms(cfg.train.norm_control)
             images_seen += batch.shape[0]
             done = completed = step + 1
             if done % cfg.train.log_every == 0 or done == steps:

@@ -122,6 +122,8 @@ def _fake_downpour_checkpoint(run: Path, shards: int, replicas: int = 1):
     (["--replica-device", "cuda"], "--replica-device cuda needs --replica-gpus > 0"),
     (["--resume", "--ps-shards", "2", "--out", "{tmp}/ckpt3"],
      "has 3 parameter-server shards, this run asks for --ps-shards 2"),
+    (["--checkpoint-every", "5"], "--checkpoint-every: only for --engine local"),
+    (["--workers", "2", "--checkpoint-every", "5"], "--checkpoint-every and --workers: only for --engine local"),
 ])
 def test_bad_input_is_refused_in_one_line_before_any_work(tmp_path, capsys, extra, needle):
     _fake_downpour_checkpoint(tmp_path / "ckpt3", shards=3)

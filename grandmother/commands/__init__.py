@@ -10,7 +10,6 @@ imports this package. Errors meant for the user (GrandmotherError) print as one 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..errors import GrandmotherError
@@ -39,7 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -63,6 +63,13 @@ def cmd_train(args):
     cfg = config_from_args(args, TRAIN_FLAGS)
     if not args.data:
         raise GrandmotherError("--data is required: a folder of images or a dataset made by `grandmother ingest`")
+    if cfg.engine == "downpour":
+        ignored = [flag for flag, value in (("--checkpoint-every", args.checkpoint_every), ("--workers", args.workers))
+                   if value is not None]
+        if ignored:
+            raise GrandmotherError(f"{' and '.join(ignored)}: only for --engine local; Downpour checkpoints every "
+                                   f"--set downpour.ps_checkpoint_every=N parameter-server updates and its replicas "
+                                   f"load their own batches")
     if cfg.train.partition and cfg.engine != "downpour":
         from ..parallel.engine import train_model_parallel
         summary = train_model_parallel(cfg, Path(args.data), Path(args.out), resume=args.resume)

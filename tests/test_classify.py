@@ -16,9 +16,9 @@ from grandmother.commands import main as cli
 from grandmother.config import load_config
 from grandmother.train import train
 
-TINY = ["model.image_size=16", "model.stages.*.receptive_field=4", "model.stages.*.maps=2",
-        "model.stages.*.pool_size=2", "model.stages.*.lcn_size=3", "model.stages.*.lcn_sigma=1.0",
-        "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=1000", "train.steps=2"]
+from conftest import TINY
+
+TINY = TINY + ["train.steps=2"]
 
 
 def stripe_image(rng, cls: str, size: int = 16) -> np.ndarray:

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from grandmother.checkpoint import latest_checkpoint, load_checkpoint, load_run, read_meta, save_checkpoint
+from grandmother.checkpoint import latest_checkpoint, load_checkpoint, load_run, read_meta
 from grandmother.commands import main as cli
 from grandmother.config import load_config
 from grandmother.downpour_ps import FlatLayout, ShardState, shard_bounds
 
-from test_train import TINY, make_images
+from conftest import TINY, make_images, write_run
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -102,15 +102,10 @@ def test_shard_applies_each_sequence_number_once_and_slices_are_balanced():
 
 
 def _fake_downpour_checkpoint(run: Path, shards: int, replicas: int = 1):
-    cfg = load_config("small", TINY)
-    from grandmother.checkpoint import model_signature
-    from grandmother.config import save_config
     from grandmother.model import build_network
-    net = build_network(cfg, torch.device("cpu"))
-    save_config(cfg, run / "config.yaml")
-    save_checkpoint(run, 2, net.state_dict(), {}, {"engine": "downpour", "images_seen": 16, "replicas": replicas,
-                                                   "model_signature": model_signature(cfg),
-                                                   "ps_layout": {"shards": shards}})
+    cfg = load_config("small", TINY)
+    write_run(run, cfg, build_network(cfg, torch.device("cpu")), step=2, metrics=False,
+              meta={"engine": "downpour", "images_seen": 16, "replicas": replicas, "ps_layout": {"shards": shards}})
 
 
 @pytest.mark.parametrize("extra, needle", [

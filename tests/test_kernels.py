@@ -189,3 +189,21 @@ def test_native_float32_equals_reference(B, C, H, W, M, k, s):
                                ref.backward_input(d(gy), d(w), s, (H, W)), **tol)
     torch.testing.assert_close(fast.backward_weight(x, gy, s, k).double(), ref.backward_weight(d(x), d(gy), s, k),
                                **tol)
+
+
+def test_bench_times_the_trainers_step_with_the_configs_optimizer():
+    """`bench --set train.optimizer=sgd` times SGD: the bench's train step is train.train_step with the
+    config's optimizer (it used to hard-code Adagrad)."""
+    from grandmother.bench import _step_functions
+    cfg = load_config("small", ["model.image_size=16", "model.stages.*.receptive_field=4", "model.stages.*.maps=2",
+                                "model.stages.*.pool_size=2", "model.stages.*.lcn_size=3",
+                                "train.optimizer=sgd", "train.momentum=0", "train.lr=0.1"])
+    images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    net, _, _, train = _step_functions(cfg, images, torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    net(net.prepare(images), objective=True).loss.backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    train()
+    for n, p in net.named_parameters():  # one plain SGD step: p - lr * grad
+        assert torch.allclose(p.detach(), before[n] - 0.1 * grads[n], rtol=1e-5, atol=1e-7), n

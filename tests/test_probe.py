@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from grandmother.checkpoint import model_signature, save_checkpoint
 from grandmother.config import config_from_dict, save_config
 from grandmother.dataset import ImageArrayDataset
 from grandmother.errors import GrandmotherError
 from grandmother.model import Network
 from grandmother.probe import probe_network, run_probe, summarize
 from grandmother.probe_protocol import run_protocol
+
+from conftest import write_run
 
 TINY = {"model": {"image_size": 12, "channels": 1, "stages": [
     {"receptive_field": 5, "stride": 1, "maps": 2, "pool_size": 3, "pool_stride": 1, "lcn_size": 3, "lcn_sigma": 1.0},
@@ -106,10 +107,7 @@ def test_planted_detector_is_found(tmp_path):
 
 
 def make_run(root, cfg, net, data_dir=None):
-    save_config(cfg, root / "config.yaml")
-    save_checkpoint(root, 1, net.state_dict(), {}, {"images_seen": 0, "model_signature": model_signature(cfg),
-                                                     "data": str(data_dir)})
-    return root
+    return write_run(root, cfg, net, step=1, metrics=False, meta={"images_seen": 0, "data": str(data_dir)})
 
 
 def test_run_probe_writes_json_and_resumes_from_cache(tmp_path, monkeypatch):

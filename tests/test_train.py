@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,21 +15,7 @@ from grandmother.errors import GrandmotherError
 from grandmother.dataset import BatchOrder
 from grandmother.train import train
 
-TINY = ["model.image_size=16", "model.stages.*.receptive_field=4", "model.stages.*.maps=2",
-        "model.stages.*.pool_size=2", "model.stages.*.lcn_size=3", "model.stages.*.lcn_sigma=1.0",
-        "train.batch_size=8", "train.log_every=1", "train.checkpoint_every=1000"]
-
-
-def make_images(folder: Path, n: int = 24, size: int = 20, seed: int = 0, grid: int = 5) -> Path:
-    """n smooth random PNGs (also used by test_downpour and test_visualize)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        # smooth random images: low-frequency noise upsampled, so the autoencoder has structure to learn
-        small = rng.integers(0, 255, (grid, grid), dtype=np.uint8)
-        Image.fromarray(small).resize((size, size), Image.BICUBIC).save(folder / f"img_{i:03d}.png")
-    return folder
-
+from conftest import TINY, make_images
 
 def sample_images(tmp_path):
     from grandmother.samples import SAMPLE_DIR

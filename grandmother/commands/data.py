@@ -5,6 +5,11 @@ import json
 from pathlib import Path
 
 
+def print_json(obj) -> int:
+    print(json.dumps(obj, indent=2))
+    return 0
+
+
 # ---------------------------------------------------------------- ingest
 
 def cmd_ingest(args):
@@ -13,8 +18,7 @@ def cmd_ingest(args):
                    frames_per_video=args.frames_per_video, workers=args.workers, shard_size=args.shard_size,
                    exclude=args.exclude, overwrite=args.overwrite, progress=not args.quiet)
     if args.json:
-        print(json.dumps(index, indent=2))
-        return 0
+        return print_json(index)
     print(f"{args.out}: {index['images']} images of {index['size']}x{index['size']} {index['color']} in "
           f"{len(index['shards'])} shard(s); {len(index['skipped'])} skipped, {index['duplicates']} duplicate(s) "
           f"dropped, {index['excluded']} excluded")
@@ -36,8 +40,7 @@ def cmd_audit(args):
                    cascade=args.cascade, per_image=args.per_image, min_neighbors=args.min_neighbors,
                    progress=not args.json)
     if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
+        return print_json(report)
     print(f"{report['dataset']}: {report['patches_with_detection']} of {report['patches']} random "
           f"{report['patch_size']}x{report['patch_size']} patches detected by {report['cascade']} "
           f"= {100 * report['fraction']:.2f}%  (paper, Appendix A: under 3% on its YouTube frames)")

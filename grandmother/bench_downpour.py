@@ -7,7 +7,7 @@ One run trains the same config with `--engine local` and with Downpour at each r
 prints one table: engine, replicas, steady images/s (from metrics.jsonl, start-up excluded), wall
 time (start-up included), and the loss of each final checkpoint on the same evaluation images.
 Replica counts above 1 also run with a warm start (`--warmstart-steps`: replica 0 trains alone first),
-which removes most of the cost of stale gradients early in training (see the README).
+which removes most of the cost of stale gradients early in training (docs/downpour.md, docs/results.md).
 Every engine gets the whole machine: local training uses all cores, each of R replicas cores/R.
 """
 from __future__ import annotations

@@ -22,9 +22,9 @@ PRESET_DIR = Path(__file__).parent / "presets"
 @dataclass
 class StageConfig:
     # Paper section 3.2: 18x18 receptive fields connected to all input maps, 8 maps per location
-    # (NOTES.md: 8 maps at stride 1 reproduces the "1 billion connections").
+    # (docs/paper-notes.md: 8 maps at stride 1 reproduces the "1 billion connections").
     receptive_field: int = 18
-    # The paper gives no stride; stride 1 is the only one that matches ~1B encoder weights (NOTES.md).
+    # The paper gives no stride; stride 1 is the only one that matches ~1B encoder weights (docs/paper-notes.md).
     stride: int = 1
     maps: int = 8
     # L2 pooling over 5x5 overlapping neighbourhoods within one map; stride 1 ("overlapping").
@@ -41,7 +41,7 @@ class ModelConfig:
     image_size: int = 200  # square input, pixels
     channels: int = 3  # 3 = RGB, 1 = grayscale
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig() for _ in range(3)])
-    # lambda in the objective; 0.1 from lecture notes / Nervana's re-implementation (NOTES.md, secondary).
+    # lambda in the objective; 0.1 from lecture notes / Nervana's re-implementation (docs/paper-notes.md, secondary).
     sparsity: float = 0.1
     # eps inside sqrt(eps + H (W1 x)^2); not recoverable from the paper. 0.01 keeps the gradient of
     # the square root bounded (1 / (2 sqrt(eps)) = 5) at zero activation.

@@ -7,7 +7,7 @@ replica actors (grandmother/downpour_replica.py), streams the replicas' per-step
 progress bar and `metrics.jsonl`, restarts replicas that die, and writes checkpoints in the standard
 run-directory layout (grandmother/checkpoint.py), so `load_run` and `--resume` work as for `train()`.
 
-Choices (also in the README's Downpour section):
+Choices (also in docs/downpour.md):
 - `train.steps` counts minibatch steps of ALL replicas together (replica r runs its share), so a
   downpour run and a local run with the same steps have seen the same number of images.
 - Replica r trains on every R-th image (indices r, r+R, ...), in the seeded order BatchOrder(seed + r).

@@ -4,7 +4,7 @@ For every unit: find its minimum and maximum activation on the test set, take 20
 thresholds between them, and measure the accuracy of "activation > threshold means positive" at each;
 the unit's score is the best of the 20 accuracies, and that threshold is its threshold.
 
-Choices the paper leaves open (also in README "Probing"):
+Choices the paper leaves open (also in docs/probing.md):
 - the 20 thresholds are np.linspace(min, max, 20): both endpoints included. At t = max nothing is
   above, so that threshold predicts "all negative"; a constant unit has 20 equal thresholds and scores
   the negative rate.

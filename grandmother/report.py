@@ -43,7 +43,7 @@ TABLE_COLUMNS = [
 ALWAYS_SHOWN = {"random_guess", "random_weights", "linear_filter", "first_stage", "best"}
 
 # Le et al., ICML 2012, Table 1 (accuracy %, test sets of 37,000 images, 64.8% negatives). Collected in
-# ../shared/paper/NOTES.md; the best-neuron cells are the paper's text, the others are recalled there.
+# docs/paper-notes.md; the best-neuron cells are the paper's text, the others are recalled (secondary).
 PAPER_TABLE1 = {
     "faces": {"random_guess": 64.8, "random_weights": 67.0, "linear_filter": 74.0, "first_stage": 71.0,
               "best": 81.7, "no_lcn": 78.5, "deep_autoencoder_3": 72.3, "deep_autoencoder_6": 70.9, "kmeans": 72.5},

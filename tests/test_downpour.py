@@ -70,7 +70,7 @@ def ray_run(ray_cluster):
 @pytest.fixture
 def one_thread():
     """Local training in one thread, like each replica: on a busy 2-core machine two-thread torch mostly
-    waits (README, Downpour benchmark), and these tests compare results, not speeds."""
+    waits (docs/results.md, Downpour benchmark), and these tests compare results, not speeds."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -329,7 +329,7 @@ def test_paper_parameter_counts_on_meta_device():
     net = Network(cfg.model, device="meta")
     assert all(p.is_meta for p in net.parameters())  # nothing allocated for 2.4B weights
     enc = [s.filter.encoder.numel() for s in net.stages]
-    assert enc == [260_410_464, 544_195_584, 412_252_416]  # NOTES.md: 183^2, 162^2, 141^2 outputs x 8 maps
+    assert enc == [260_410_464, 544_195_584, 412_252_416]  # docs/paper-notes.md: 183^2, 162^2, 141^2 outputs x 8 maps
     # the same from the formula (filter output^2 * maps * input channels * field^2)
     assert enc == [183 ** 2 * 8 * 3 * 18 ** 2, 162 ** 2 * 8 * 8 * 18 ** 2, 141 ** 2 * 8 * 8 * 18 ** 2]
     assert [s.filter.decoder.numel() for s in net.stages] == enc

@@ -14,14 +14,13 @@ def cmd_bench(args) -> int:
     import torch
 
     from ..bench import format_table, run_bench
-    from ..config import load_config
     from ..kernels import kernel_names
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise GrandmotherError("--device cuda: no CUDA device is available here")
     device = torch.device(args.device)
     try:
-        cfg = load_config(args.preset, list(args.set or []))
+        cfg = config_from_args(args, {})
     except (ConfigError, FileNotFoundError) as e:
         raise GrandmotherError(f"--preset {args.preset}: {e}")
     if args.tf32 and device.type == "cuda":
@@ -64,14 +63,13 @@ def cmd_bench_downpour(args):
 
 def register(sub):
     p = sub.add_parser("bench", help="time the locally connected kernels and a training step",
-                              description="Time each locally connected kernel inside the network (forward, "
-                                          "forward+backward, training step) against a float32 matmul.")
-    p.add_argument("--preset", default="small")
+                       description="Time each locally connected kernel inside the network (forward, "
+                                   "forward+backward, training step) against a float32 matmul.")
+    add_config_arguments(p, "small")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--batch-size", type=int, default=None, help="default: the preset's train.batch_size")
     p.add_argument("--kernel", action="append", help="only this kernel (repeatable); default: all")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. model.image_size=16")
     p.add_argument("--tf32", action="store_true", help="allow tf32 matmuls on CUDA")
     p.add_argument("--peers", action="store_true",
                    help="also time one locally connected layer per stage shape against a plain PyTorch unfold "

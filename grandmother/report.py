@@ -22,7 +22,6 @@ import html
 import json
 from pathlib import Path
 
-
 from .errors import GrandmotherError
 from .io import atomic_write_text
 from .plots import health_curves, training_curves

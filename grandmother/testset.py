@@ -235,4 +235,9 @@ def _progress(it, total, progress):
     return tqdm(it, total=total, desc="testset", unit="img", disable=None)
 
 
-__all__ = ["build_testset", "open_testset", "plan_testset", "PAPER_POSITIVE_FRACTION"]
+def read_excluded(path: Path) -> list[str]:
+    """The paths listed in a test set's excluded.txt (grandmother.leakage checks training sets against it)."""
+    return [ln for ln in Path(path).read_text().splitlines() if ln]
+
+
+__all__ = ["build_testset", "open_testset", "plan_testset", "PAPER_POSITIVE_FRACTION", "read_excluded"]

@@ -65,12 +65,14 @@ def test_primitives_equal_reference_float64(kernel, B, C, H, W, M, k, s, tile_bu
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("tied", ["false", "true"])
 @pytest.mark.parametrize("kernel", FAST)
-def test_whole_network_gradients_equal_reference(kernel):
-    """The kernel inside the model: same objective and same parameter gradients as the reference."""
+def test_whole_network_gradients_equal_reference(kernel, tied):
+    """The kernel inside the model: same objective and same parameter gradients as the reference, with
+    untied W1/W2 (the paper) and tied weights (the small preset's default; W2 then gets no gradient)."""
     from grandmother.model import Network
     cfg = load_config("small", ["model.image_size=20", "model.stages.*.receptive_field=4", "model.stages.*.maps=2",
-                                "model.stages.*.pool_size=2", "model.stages.*.lcn_size=3"])
+                                "model.stages.*.pool_size=2", "model.stages.*.lcn_size=3", f"model.tied={tied}"])
     x = torch.randn(3, cfg.model.channels, 20, 20, dtype=F64)
     grads = {}
     for name in ("reference", kernel):
@@ -78,10 +80,13 @@ def test_whole_network_gradients_equal_reference(kernel):
         net = Network(cfg.model, generator=torch.Generator().manual_seed(0)).double()
         loss = net(x, objective=True).loss
         loss.backward()
-        grads[name] = (loss.detach(), [p.grad.clone() for p in net.parameters()])
+        grads[name] = (loss.detach(), [None if p.grad is None else p.grad.clone() for p in net.parameters()])
     torch.testing.assert_close(grads[kernel][0], grads["reference"][0], rtol=1e-10, atol=1e-10)
+    assert sum(g is not None for g in grads["reference"][1]) >= (3 if tied == "true" else 6)
     for a, b in zip(grads[kernel][1], grads["reference"][1]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_bench_runs_on_a_tiny_shape(capsys):
@@ -197,7 +202,8 @@ def test_bench_times_the_trainers_step_with_the_configs_optimizer():
     from grandmother.bench import _step_functions
     cfg = load_config("small", ["model.image_size=16", "model.stages.*.receptive_field=4", "model.stages.*.maps=2",
                                 "model.stages.*.pool_size=2", "model.stages.*.lcn_size=3",
-                                "train.optimizer=sgd", "train.momentum=0", "train.lr=0.1"])
+                                "train.optimizer=sgd", "train.momentum=0", "train.lr=0.1",
+                                "train.norm_control=none", "model.tied=false"])  # plain SGD on every weight
     images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     net, _, _, train = _step_functions(cfg, images, torch.device("cpu"))
     before = {n: p.detach().clone() for n, p in net.named_parameters()}

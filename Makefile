@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m grandmother run grandmother/sample/train --out demo_out
+	$(BIN)/python -m grandmother run grandmother/sample/train --out demo_out
 
 test: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP)
 	$(BIN)/python -m grandmother bench --preset small

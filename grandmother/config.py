@@ -8,6 +8,7 @@ in a YAML file or an override never silently does nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +140,24 @@ CHOICES = {
     "train.optimizer": ("sgd", "adagrad", "adam"),
     "train.norm_control": ("none", "decoder", "encoder"),
     "train.device": ("auto", "cpu", "cuda"),
+    "downpour.replica_device": ("cpu", "cuda"),
 }
+
+# Lower bounds of numeric settings, checked by `validate` (which also refuses NaN and infinity anywhere).
+# (key, bound, inclusive, what it is)
+BOUNDS = [
+    ("model.sparsity", 0, True, "the sparsity weight lambda"),
+    ("train.momentum", 0, True, "SGD momentum"),
+    ("train.grad_clip", 0, True, "the gradient-norm clip (0 = off)"),
+    ("train.checkpoint_every", 1, True, "steps between checkpoints"),
+    ("train.log_every", 1, True, "steps between metrics.jsonl lines"),
+    ("train.num_workers", 0, True, "background data-loading workers"),
+    ("downpour.replica_cpus", 0, True, "CPUs per replica"),
+    ("downpour.replica_gpus", 0, True, "GPUs per replica"),
+    ("downpour.ps_checkpoint_every", 1, True, "parameter-server updates between checkpoints"),
+    ("downpour.object_store_memory", 78643200, True, "bytes of Ray object store (Ray needs at least 75 MiB)"),
+    ("downpour.warmstart_steps", 0, True, "steps one replica trains alone first"),
+]
 
 
 # ---------------------------------------------------------------- dict <-> dataclass
@@ -204,6 +222,9 @@ def _get(cfg, dotted: str):
 
 
 def validate(cfg: Config) -> None:
+    for key, value in _numbers(cfg.to_dict(), ""):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value}: must be a finite number")
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -239,9 +260,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--fetch-every and --push-every must be >= 1 (got P={d.fetch_every}, G={d.push_every})")
     if d.replicas < 1 or d.ps_shards < 1:
         raise ConfigError("--replicas and --ps-shards must be >= 1")
+    _validate_numbers(cfg)
+    if d.replica_device == "cuda" and d.replica_gpus <= 0:
+        raise ConfigError("--replica-device cuda needs --replica-gpus > 0 (downpour.replica_device, downpour.replica_gpus; "
+                          "e.g. 1: one GPU per replica)")
     # Shapes: raises ConfigError naming the stage whose receptive field does not fit.
     from .shapes import stage_shapes
     stage_shapes(m)
+
+
+def _validate_numbers(cfg: Config) -> None:
+    """Every bounded setting is within its bound (BOUNDS)."""
+    for key, bound, inclusive, what in BOUNDS:
+        value = _get(cfg, key)
+        if value < bound or (not inclusive and value == bound):
+            raise ConfigError(f"{key}={value}: must be {'>=' if inclusive else '>'} {bound} ({what})")
+
+
+def _numbers(obj, prefix: str):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{prefix}.{k}" if prefix else k)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{prefix}[{i}]")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield prefix, obj
 
 
 # ---------------------------------------------------------------- presets and overrides
@@ -266,7 +310,14 @@ def parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. model.sparsity=0.2")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
+
+
+def _yaml_problem(e: Exception) -> str:
+    return str(getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0])
 
 
 def apply_overrides(data: dict, overrides: list[str] | dict) -> dict:
@@ -309,8 +360,9 @@ def _expand_stars(overrides: list[str], data: dict) -> list[str]:
 
 def load_config(preset: str = "paper", overrides: list[str] | dict | None = None) -> Config:
     path = preset_path(preset)
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = _read_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     data.setdefault("preset", Path(preset).stem)
     if isinstance(overrides, list):
         overrides = _expand_stars(overrides, _stages_default(data))
@@ -332,13 +384,22 @@ def save_config(cfg: Config, path: Path) -> None:
     atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def read_config(path: Path) -> Config:
-    """The config saved in a run directory; one-line errors for a missing or unreadable file."""
+def _read_yaml(path: Path):
+    """A YAML file as plain data. Tags that build Python objects (!!python/...) are refused: a config is
+    data, never code."""
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read the config ({type(e).__name__})") from None
-    return config_from_dict(data)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: cannot read the config (not UTF-8 text)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not a plain YAML config ({_yaml_problem(e)})") from None
+
+
+def read_config(path: Path) -> Config:
+    """The config saved in a run directory; one-line errors for a missing or unreadable file."""
+    return config_from_dict(_read_yaml(path))

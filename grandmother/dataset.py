@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from .errors import GrandmotherError
-from .images import IMAGE_EXTENSIONS, Skipped, fit_image, list_images, load_image
-from .io import atomic_path, atomic_write_json
+from .images import IMAGE_EXTENSIONS, Skipped, fit_image, list_images, load_image, unreadable_reason
+from .io import atomic_path, atomic_write_json, make_dir, writing
 
 log = logging.getLogger(__name__)
 
@@ -117,18 +117,23 @@ def write_dataset(out: Path, blocks: Iterable[tuple[np.ndarray, list[dict]]], si
     work = partial_dir(out)
     if work.exists():
         shutil.rmtree(work)
-    work.mkdir(parents=True)
-    shards, total = [], 0
-    for k, (images, items) in enumerate(blocks):
-        assert len(images) == len(items) and images.shape[1:] == (size, size, channels), images.shape
-        write_shard(work, k, images, {"items": items})
-        shards.append({"file": shard_name(k), "images": int(len(images))})
-        total += len(images)
-    index = {"images": int(total), "size": int(size), "channels": int(channels),
-             "color": "rgb" if channels == 3 else "gray", "shards": shards, **index}
-    if extra_files is not None:
-        extra_files(work)
-    finish_dataset(work, out, index)
+    make_dir(work)
+    try:
+        shards, total = [], 0
+        for k, (images, items) in enumerate(blocks):
+            assert len(images) == len(items) and images.shape[1:] == (size, size, channels), images.shape
+            write_shard(work, k, images, {"items": items})
+            shards.append({"file": shard_name(k), "images": int(len(images))})
+            total += len(images)
+        index = {"images": int(total), "size": int(size), "channels": int(channels),
+                 "color": "rgb" if channels == 3 else "gray", "shards": shards, **index}
+        if extra_files is not None:
+            with writing(work):
+                extra_files(work)
+        finish_dataset(work, out, index)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # nothing half-written stays behind
+        raise
     return {"format": FORMAT, **index}
 
 
@@ -290,7 +295,7 @@ def load_image_folder(root: Path, size: int, channels: int, progress: bool = Fal
         try:
             arrays.append(load_image(p, size, channels))
         except Exception as e:  # PIL raises many types for corrupt files; none is fatal here
-            skipped.add(p, f"{type(e).__name__}: {e}")
+            skipped.add(p, unreadable_reason(p, e))
     if not arrays:
         raise GrandmotherError(f"none of the {len(paths)} images under {root} could be read "
                                f"(first: {skipped.items[0]['path']}: {skipped.items[0]['reason']})")

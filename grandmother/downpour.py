@@ -31,7 +31,9 @@ import math
 import os
 import signal
 import socket
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,7 @@ from .downpour_replica import Replica
 from .errors import GrandmotherError
 from .io import append_jsonl, atomic_write_json
 from .model import build_network
-from .runtime import seed_everything
+from .runtime import seed_everything, sigterm_as_interrupt
 
 MAX_RESTARTS = 3  # per replica; a replica that keeps dying is a bug, not bad luck
 
@@ -89,16 +91,11 @@ def check_resources(cfg: Config, cpus: float, gpus: float, where: str) -> None:
 
 
 def check_replica_settings(cfg: Config) -> None:
-    d = cfg.downpour
-    if cfg.train.norm_control != "none":  # also here: callers may set engine after the config was validated
+    """What config.validate checks that depends on the engine, again here: callers may set the engine after
+    the config was validated (the other downpour.* values are checked by config.validate)."""
+    if cfg.train.norm_control != "none":
         raise GrandmotherError(f"train.norm_control={cfg.train.norm_control}: the Downpour engine does not project "
                                f"norms; use --set train.norm_control=none with --engine downpour")
-    if d.replica_cpus < 0 or d.replica_gpus < 0:
-        raise GrandmotherError("--replica-cpus and --replica-gpus must be >= 0")
-    if d.replica_device == "cuda" and d.replica_gpus <= 0:
-        raise GrandmotherError("--replica-device cuda needs --replica-gpus > 0 (e.g. 1: one GPU per replica)")
-    if d.ps_checkpoint_every < 1:
-        raise GrandmotherError("downpour.ps_checkpoint_every must be >= 1")
 
 
 def check_address_reachable(address: str, timeout_s: float = 3.0) -> None:
@@ -119,23 +116,66 @@ def check_address_reachable(address: str, timeout_s: float = 3.0) -> None:
 def connect_ray(cfg: Config) -> bool:
     """Start an embedded Ray or join a cluster; True if this call started/joined it (and must shut it down).
 
-    The one place that calls ray.init, so the one place that sets RAY_AUTH_MODE (unless the caller did)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    The one place that calls ray.init. The embedded instance listens on 127.0.0.1 only (GCS, raylet,
+    object manager, workers) and starts no dashboard; authentication stays at Ray's default (token
+    authentication in Ray >= 2.5x, the token in ~/.ray/auth_token). docs/safety.md says how a cluster is
+    secured and how to turn authentication off.
+    """
     d = cfg.downpour
     if ray.is_initialized():  # the caller (a test, a notebook) owns Ray; use it as it is
         return False
     quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
     if d.ray_address:
+        host = d.ray_address.split("://", 1)[-1].rpartition(":")[0]
         try:
-            ray.init(address=d.ray_address, **quiet)
+            if host in ("127.0.0.1", "localhost"):  # a cluster on this machine's loopback: join it as a loopback node
+                with _loopback_node():
+                    ray.init(address=d.ray_address, _node_ip_address=LOOPBACK, **quiet)
+            else:
+                ray.init(address=d.ray_address, **quiet)
         except Exception as e:  # Ray raises ConnectionError, RuntimeError, ValueError... for a bad address
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise GrandmotherError(f"--ray-address {d.ray_address}: cannot join a Ray cluster ({first})") from None
     else:
-        # address="local": a new instance even where `ray start` left a cluster running on this machine.
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, num_gpus=torch.cuda.device_count(),
-                 object_store_memory=d.object_store_memory, include_dashboard=False, **quiet)
+        ctx = start_local_ray(num_cpus=os.cpu_count() or 1, num_gpus=torch.cuda.device_count(),
+                              object_store_memory=d.object_store_memory, **quiet)
+        print(f"Ray: embedded instance on {ctx.address_info['gcs_address']} (listening on 127.0.0.1 only, "
+              f"dashboard off)", file=sys.stderr)
     return True
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextmanager
+def _loopback_node():
+    """Within the block, Ray keeps a node address of 127.0.0.1 instead of replacing it by the machine's
+    outward address (see start_local_ray)."""
+    from ray._private import ray_constants
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def start_local_ray(**kwargs):
+    """ray.init() of a new single-machine instance bound to 127.0.0.1, dashboard off; its RayContext.
+
+    Ray binds its gRPC servers to 127.0.0.1 only when the node's address is literally 127.0.0.1, and on
+    Linux it replaces a given 127.0.0.1 by the machine's outward address unless its "no cluster" mode (the
+    one Ray uses on macOS and Windows) is on. That mode is switched on for the call and checked after it.
+    """
+    with _loopback_node():
+        # address="local": a new instance even where `ray start` left a cluster running on this machine.
+        ctx = ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, **kwargs)
+    info = dict(ctx.address_info)
+    if info.get("node_ip_address") != LOOPBACK:
+        ray.shutdown()
+        raise GrandmotherError(f"the embedded Ray instance would listen on {info.get('node_ip_address')}, not "
+                               f"{LOOPBACK} (Ray {ray.__version__}); start a cluster yourself and pass --ray-address")
+    return ctx
 
 
 # ---------------------------------------------------------------- the driver
@@ -203,7 +243,9 @@ class DownpourJob:
         reached = [self.reached(states, r) for r in range(d.replicas)]
         step = sum(reached)
         meta = {"images_seen": step * self.cfg.train.batch_size, "model_signature": model_signature(self.cfg),
-                "engine": "downpour", "data": str(self.data_path), "dataset_size": self.dataset_size,
+                "engine": "downpour",
+                "data": None if self.data_path is None else str(Path(self.data_path).resolve()),
+                "dataset_size": self.dataset_size,
                 "replicas": d.replicas, "replica_steps": reached, "ps_updates": min(st["version"] for st in states),
                 "ps_layout": {"shards": d.ps_shards, "bounds": self.bounds}}
         if self.cfg.train.partition:
@@ -241,21 +283,27 @@ class DownpourJob:
 
 
 def train_downpour(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, progress: bool = True,
-                   dataset=None, faults: dict | None = None) -> dict:
+                   dataset=None, faults: dict | None = None, force_resume: bool = False) -> dict:
     """Train `cfg` with Downpour SGD; the same inputs, outputs and run directory as `train.train`.
 
     `faults` is a test hook: {"kill": (replica, local_step)} SIGKILLs that replica's process once it
     reports the step; {"lose_ack": (replica, seq)} makes that replica treat that push's ack as lost.
+    SIGTERM and Ctrl-C both end it with a checkpoint of what the shards hold.
     """
+    with sigterm_as_interrupt():
+        return _train_downpour(cfg, data_path, out_dir, resume, progress, dataset, faults, force_resume)
+
+
+def _train_downpour(cfg, data_path, out_dir, resume, progress, dataset, faults, force_resume) -> dict:
     d, out_dir = cfg.downpour, Path(out_dir)
     # ============ checks before any work ============
     check_replica_settings(cfg)
     if cfg.train.partition:
         from .parallel.downpour_mp import check_partitioned_downpour
         check_partitioned_downpour(cfg)
-    ckpt, meta = open_run(out_dir, cfg, resume, engine="downpour")
-    if ckpt is not None:
-        check_resume_layout(meta, cfg, ckpt)
+    # refuses a foreign run, a damaged one and changed settings before any slow work or any write
+    ckpt, meta, fresh_optimizer = open_run(out_dir, cfg, resume, engine="downpour", data_path=data_path,
+                                           force_resume=force_resume, check=check_resume_layout)
     if ray.is_initialized():  # a caller's Ray (tests, notebooks): check against what it has
         res = ray.cluster_resources()
         check_resources(cfg, res.get("CPU", 0), res.get("GPU", 0), "the running Ray instance")
@@ -281,11 +329,17 @@ def train_downpour(cfg: Config, data_path: Path, out_dir: Path, resume: bool = F
     shard_states = [None] * d.ps_shards
     if ckpt is not None:
         tensors, state, meta = load_checkpoint(ckpt)
-        flat = layout.flatten(tensors)
+        try:
+            flat = layout.flatten(tensors)
+        except (KeyError, RuntimeError) as e:
+            raise GrandmotherError(f"{ckpt / 'model.safetensors'} does not fit the model ({type(e).__name__}: "
+                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
         shard_states = state["ps_shards"]
+        if fresh_optimizer:
+            print(f"--force-resume: the {cfg.train.optimizer} optimizer starts afresh on every shard")
+            shard_states = [{**st, "optimizer": None} for st in shard_states]
     else:
         flat = layout.flatten(dict(net.named_parameters()))
-    continue_run(out_dir, meta, resume)
     del net
 
     # ============ Ray; the run directory is written only once the cluster is known to fit ============
@@ -294,19 +348,20 @@ def train_downpour(cfg: Config, data_path: Path, out_dir: Path, resume: bool = F
     try:
         res = ray.cluster_resources()
         check_resources(cfg, res.get("CPU", 0), res.get("GPU", 0), "the Ray cluster")
-        out_dir.mkdir(parents=True, exist_ok=True)
+        continue_run(out_dir, meta, resume)  # makes the folder, removes stale .tmp-step_*, trims metrics.jsonl
         save_config(cfg, out_dir / "config.yaml")
         if skipped:
             atomic_write_json(out_dir / "skipped.json", {"skipped": skipped})
             print(f"skipped {len(skipped)} unreadable image(s); list in {out_dir / 'skipped.json'}")
-        job_cls = DownpourJob
-        if cfg.train.partition:  # each replica a group of processes, one per block of the partition
-            from .parallel.downpour_mp import PartitionedDownpourJob
-            job_cls = type("PartitionedJob", (PartitionedDownpourJob, DownpourJob), {})
-        job = job_cls(cfg, out_dir, data_path, dataset, flat, layout, shard_states, faults)
-        if cfg.train.partition:
-            job.setup_parts()
-        return _drive(job, cfg, out_dir, ckpt, skipped, progress)
+        with sigterm_as_interrupt():  # again: ray.init installed its own SIGTERM handler, which aborts
+            job_cls = DownpourJob
+            if cfg.train.partition:  # each replica a group of processes, one per block of the partition
+                from .parallel.downpour_mp import PartitionedDownpourJob
+                job_cls = type("PartitionedJob", (PartitionedDownpourJob, DownpourJob), {})
+            job = job_cls(cfg, out_dir, data_path, dataset, flat, layout, shard_states, faults)
+            if cfg.train.partition:
+                job.setup_parts()
+            return _drive(job, cfg, out_dir, ckpt, skipped, progress)
     finally:
         if job is not None:
             job.shutdown()

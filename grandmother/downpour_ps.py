@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .optim import build_optimizer
+from .optim import build_optimizer, load_optimizer_state
 
 
 @dataclass
@@ -101,7 +101,8 @@ class ShardState:
         # fetches only its slice, these positions of this shard's vector.
         self.parts: dict[int, torch.Tensor] = {}
         if state:
-            self.opt.load_state_dict(state["optimizer"])
+            if state.get("optimizer") is not None:  # None: --force-resume with another optimizer
+                load_optimizer_state(self.opt, state["optimizer"], train_cfg, f"parameter shard {index}")
             self.version = int(state["version"])
             self.last_seq = {int(k): int(v) for k, v in state["last_seq"].items()}
             self.last_step = {int(k): int(v) for k, v in state["last_step"].items()}

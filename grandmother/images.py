@@ -6,6 +6,8 @@ and lists; the datasets built from the images live in grandmother/dataset.py.
 """
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,11 +35,39 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
         return fit_image(img, size, channels)
 
 
+def is_listed(path: Path) -> bool:
+    """A file to read: a regular file, or a symbolic link that cannot be followed (dangling, a loop),
+    which is then skipped with its reason (`unreadable_reason`) instead of vanishing from the listing."""
+    return path.is_file() or (path.is_symlink() and not path.exists())
+
+
 def list_images(root: Path) -> list[Path]:
     root = Path(root)
     if root.is_file():
         return [root]
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and is_listed(p))
+
+
+def unreadable_reason(path: Path, e: Exception) -> str:
+    """Why a file could not be used, in words: a link that cannot be followed, a read that failed, an
+    empty file, or the decoder's complaint."""
+    if path.is_symlink() and not path.exists():
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return "symbolic link loop"
+        return f"dangling symbolic link (to {os.readlink(path)})"
+    if isinstance(e, OSError) and e.errno is not None:  # the read itself failed (EIO, EACCES, ...)
+        return f"read failed: {e.strerror or os.strerror(e.errno)}"
+    try:
+        if path.stat().st_size == 0:
+            with open(path, "rb") as f:
+                if not f.read(1):
+                    return "empty file (0 bytes)"
+    except OSError as err:
+        return f"read failed: {err.strerror or err}"
+    return f"{type(e).__name__}: {e}".strip()
 
 
 @dataclass

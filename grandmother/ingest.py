@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import shutil
 import time
 import zlib
@@ -28,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import IMAGE_EXTENSIONS, fit_image, load_image
+from .images import IMAGE_EXTENSIONS, fit_image, is_listed, load_image, unreadable_reason
 from .dataset import (COLORS, FORMAT, check_output_dir, finish_dataset, partial_dir, read_shard_meta, shard_name,
                       write_shard)
 from .errors import GrandmotherError
-from .io import atomic_write_json
+from .io import atomic_write_json, make_dir
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,15 @@ def expand_sources(sources: list[str]) -> tuple[list[tuple[int, Path, str]], lis
         if root.is_file():
             files = [(root, root.name)]
         else:
+            # Links that cannot be followed (dangling, loops) are kept: decoding fails on them, and they
+            # are listed among the skipped files with the reason, never dropped without a word.
             files = [(p, p.relative_to(root).as_posix()) for p in sorted(root.rglob("*"))
-                     if p.suffix.lower() in exts and p.is_file()]
+                     if p.suffix.lower() in exts and is_listed(p)]
             if not files:
                 raise GrandmotherError(f"SRC {src}: no images or videos found (looked for {', '.join(sorted(exts))})")
         summary.append({"src": str(src), "files": 0, "videos": 0})
         for p, rel in files:
-            key = str(p.resolve())
+            key = os.path.realpath(p)  # never raises, also for a symlink loop
             if key in seen:
                 continue
             seen.add(key)
@@ -85,7 +88,7 @@ def read_exclude_list(path: str | None) -> set[str]:
     p = Path(path)
     if not p.is_file():
         raise GrandmotherError(f"--exclude {path}: file does not exist")
-    lines = [ln.strip() for ln in p.read_text().splitlines()]
+    lines = [os.fsdecode(ln.strip()) for ln in p.read_bytes().splitlines()]  # names need not be UTF-8
     return {str(Path(ln).resolve()) for ln in lines if ln and not ln.startswith("#")}
 
 
@@ -152,11 +155,7 @@ def decode_unit(task) -> dict:
             images, frames = [load_image(Path(path), size, channels)], [None]
         return {"images": images, "frames": frames, "hashes": [pixel_hash(a) for a in images], "error": None}
     except Exception as e:  # any decoder failure is a skipped input, not a failed run
-        if Path(path).is_file() and Path(path).stat().st_size == 0:
-            reason = "empty file (0 bytes)"
-        else:
-            reason = f"{type(e).__name__}: {e}".strip()
-        return {"images": [], "frames": [], "hashes": [], "error": reason[:300]}
+        return {"images": [], "frames": [], "hashes": [], "error": unreadable_reason(Path(path), e)[:300]}
 
 
 # ---------------------------------------------------------------- the driver
@@ -210,7 +209,7 @@ def ingest(sources: list[str], out: Path, size: int = 200, color: str = "rgb", s
                 raise GrandmotherError(f"{work}: an unfinished ingest of different inputs or options; re-run that "
                                        f"command to finish it, or pass --overwrite to discard it")
             shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    make_dir(work)
     atomic_write_json(work / "plan.json", {"fingerprint": fingerprint, **plan})
 
     n_shards = (len(units) + shard_size - 1) // shard_size

@@ -1,11 +1,19 @@
-"""Atomic file writes: write beside the target, fsync, rename. A crash leaves the old file intact."""
+"""Atomic file writes: write beside the target, fsync, rename. A crash leaves the old file intact.
+
+Also the one place that turns an OS error on an output (read-only folder, disk full, a path under /proc)
+into a one-line error naming the path: `writing(path)` around a write, `make_dir(path)` for a folder.
+`atomic_path` and `append_jsonl` use them, and so does the command line for any OS error left over.
+"""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import GrandmotherError
 
 # mkstemp creates files readable by the owner only; results (reports, datasets, checkpoints) should get
 # the permissions of any other file the user creates, i.e. 0o666 less the umask (read once, at import).
@@ -13,25 +21,72 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def describe_os_error(e: BaseException) -> str:
+    """The reason of an OS error in a few words ("No space left on device")."""
+    if isinstance(e, OSError):
+        if e.errno is not None:
+            return e.strerror or os.strerror(e.errno)
+        return str(e) or type(e).__name__
+    # safetensors reports I/O failures as SafetensorError("... IoError(Os { code: 28, ... message: "..." })")
+    text = str(e)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO):
+        if f"code: {code}," in text:
+            return os.strerror(code)
+    return (text.strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def output_error(path, e: BaseException) -> GrandmotherError:
+    return GrandmotherError(f"cannot write {path}: {describe_os_error(e)}")
+
+
+def _write_errors() -> tuple[type, ...]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        return (OSError,)
+    return (OSError, SafetensorError)
+
+
+@contextmanager
+def writing(path):
+    """Run a write to `path`; an OS error in it becomes a one-line GrandmotherError naming `path`."""
+    try:
+        yield
+    except GrandmotherError:
+        raise
+    except _write_errors() as e:
+        raise output_error(path, e) from None
+
+
+def make_dir(path: Path) -> Path:
+    """mkdir -p for an output folder, with a one-line error naming it."""
+    path = Path(path)
+    with writing(path):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @contextmanager
 def atomic_path(path: Path):
-    """Yield a temporary path in the target's folder; on success it replaces `path` atomically."""
+    """Yield a temporary path in the target's folder; on success it replaces `path` atomically.
+    OS errors (also those of the caller's writing) become one line naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
+    make_dir(path.parent)
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            yield Path(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -45,7 +100,7 @@ def atomic_write_json(path: Path, obj, indent: int | None = 2) -> None:
 
 def append_jsonl(path: Path, record: dict) -> None:
     """One JSON object per line; flushed so `tail -f` and a crash both see whole lines."""
-    with open(path, "a") as f:
+    with writing(path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
 

@@ -15,3 +15,17 @@ def build_optimizer(params, train_cfg) -> torch.optim.Optimizer:
     if train_cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=train_cfg.lr, **fused)
     raise GrandmotherError(f"--optimizer {train_cfg.optimizer!r}: choose sgd, adagrad or adam")
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict, train_cfg, where) -> None:
+    """Load a checkpoint's optimizer state; the learning rate (and momentum) stay the config's (they
+    differ only under --force-resume). A state of another shape is a one-line error naming `where`."""
+    try:
+        opt.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise GrandmotherError(f"{where}: the optimizer state does not fit ({first})") from None
+    for group in opt.param_groups:
+        group["lr"] = train_cfg.lr
+        if "momentum" in group:
+            group["momentum"] = train_cfg.momentum

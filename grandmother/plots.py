@@ -96,7 +96,10 @@ def training_curves(records: list[dict]) -> bytes | None:
 
 def health_curves(records: list[dict]) -> bytes | None:
     """Per stage: median encoder and decoder norms, and the dead-unit fraction, against images seen."""
+    keys = ("encoder_norm", "decoder_norm", "dead_fraction")
     recs = [r for r in records if r.get("stages") and "encoder_norm" in r["stages"][0]]
+    recs = [r for r in recs if len(r["stages"]) == len(recs[0]["stages"])
+            and all(all(k in st for k in keys) for st in r["stages"])]
     if not recs:
         return None
     plt = pyplot()

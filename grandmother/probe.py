@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import GrandmotherError
-from .io import atomic_write_json
+from .io import atomic_path, atomic_write_json, make_dir
 from .probe_heldout import HeldoutSettings, heldout_probe
 from .probe_protocol import check_labels, fingerprint_of, run_protocol
 from .results import result_fields
@@ -170,15 +170,17 @@ def run_probe(run_dir, testset_dir, out_dir, *, ablation=None, autoencoders=(), 
     `heldout` (None: skip) are the settings of the held-out entry (probe_heldout.py)."""
     from .checkpoint import load_run
     from .model import build_network
+    from .runtime import resolve_device
     out_dir, run_dir = Path(out_dir), Path(run_dir)
-    device = torch.device(device)
+    if batch_size < 1:
+        raise GrandmotherError(f"--batch-size {batch_size}: must be >= 1")
+    device = resolve_device(device)
     cfg, net, meta = load_run(run_dir, device)
     if dataset is None:
         dataset, labels, _ = _open_testset(testset_dir)
     labels = check_labels(labels, f"test set {testset_dir}")
     check_fits(net, dataset, testset_dir)
-    cache = out_dir / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = make_dir(out_dir / "cache")
     base = dict(testset=str(Path(testset_dir).resolve()), n=len(labels), n_pos=int(labels.sum()), batch=batch_size)
     show = (lambda s: s) if progress else (lambda s: None)
 
@@ -235,8 +237,9 @@ def run_probe(run_dir, testset_dir, out_dir, *, ablation=None, autoencoders=(), 
     # ============ the best unit's activations, for the histogram ============
     best = Unit.parse(summary["best"]["unit"])
     acts = unit_responses(net, best, prepared_batches(net, dataset, batch_size)).astype(np.float32)
-    np.save(out_dir / "best_unit_activations.npy", acts)
-    np.save(out_dir / "labels.npy", labels.astype(np.uint8))
+    for name, array in (("best_unit_activations.npy", acts), ("labels.npy", labels.astype(np.uint8))):
+        with atomic_path(out_dir / name) as tmp, open(tmp, "wb") as f:
+            np.save(f, array)
 
     result = {**result_fields(run_dir, meta, command), "testset": str(Path(testset_dir).resolve()),
               "concept": concept, "n_images": n, "n_positive": n_pos,

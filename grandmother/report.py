@@ -13,6 +13,11 @@ invariance and classify folders. That is the layout `grandmother run` writes: OU
 OUT/visualize_NAME, OUT/invariance_NAME, OUT/report.html.
 
 Images are inlined as base64 PNG (data: URLs), so the one file can be mailed or opened anywhere.
+
+Results files are data from wherever a run folder came from, so the report trusts none of them: every
+value is escaped (or must be a number where a number is shown), a field of the wrong type is shown as
+missing, and a file is embedded only from inside the result folder that names it (resolved paths,
+symbolic links followed, that lead outside are refused with a note in the report).
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import base64
 import datetime as _dt
 import html
 import json
+import math
+import sys
 from pathlib import Path
 
 from .errors import GrandmotherError
@@ -56,6 +63,52 @@ PAPER_TABLE1 = {
 
 # ---------------------------------------------------------------- reading results
 
+def _dict(x) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
+def _list(x) -> list:
+    return x if isinstance(x, list) else []
+
+
+def esc(value) -> str:
+    """Any value from a results file, as HTML text."""
+    return html.escape(str(value))
+
+
+def num(value, spec: str = ".4g", missing: str = "?") -> str:
+    """A number from a results file formatted with `spec`; anything else escaped (or `missing`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return missing if value is None else esc(value)
+    return format(value, spec)
+
+
+def contained_file(folder: Path, name) -> Path | None:
+    """`folder / name` if it is a file whose resolved path lies inside the resolved `folder`, else None."""
+    if not isinstance(name, str) or not name:
+        return None
+    base = Path(folder).resolve()
+    try:
+        path = (base / name).resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        return None
+    if not path.is_relative_to(base):
+        print(f"warning: report: {name!r} named in {folder} lies outside that folder; not embedded", file=sys.stderr)
+        return None
+    return path if path.is_file() else None
+
+
+def embed(folder: Path, name, alt: str) -> str:
+    """The PNG `name` of result folder `folder`, inlined; a note instead when it is missing or refused."""
+    path = contained_file(folder, name)
+    if path is None:
+        return f'<p class="note">({esc(alt)}: file {esc(name)} not found inside {esc(Path(folder).name)})</p>'
+    try:
+        return inline_png(path, alt)
+    except OSError as e:
+        return f'<p class="note">({esc(alt)}: {esc(name)} unreadable: {esc(e.strerror or e)})</p>'
+
+
 def result_dirs(kind: str, given: list[Path] | None, run_dir: Path) -> list[Path]:
     """Folders holding `kind`'s JSON: the given ones (checked), or the discovered ones."""
     name = RESULT_FILES[kind]
@@ -71,7 +124,7 @@ def result_dirs(kind: str, given: list[Path] | None, run_dir: Path) -> list[Path
             f = d / name
             if f.is_file() and d.resolve() not in [x.resolve() for x in found]:
                 recorded = read_result(f).get("run_dir")
-                if recorded is None or Path(recorded).resolve() == run_dir:
+                if recorded is None or (isinstance(recorded, str) and Path(recorded).resolve() == run_dir):
                     found.append(d)
     return found
 
@@ -86,18 +139,29 @@ def read_metrics(run_dir: Path) -> list[dict]:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(rec, dict) and "step" in rec and "loss" in rec:
+            if isinstance(rec, dict) and _is_number(rec.get("step")) and _is_number(rec.get("loss")):
+                if not _is_number(rec.get("images", 0)):
+                    rec.pop("images")
+                stages = rec.get("stages", [])
+                if not isinstance(stages, list) or not all(isinstance(st, dict) for st in stages):
+                    stages = []
+                rec["stages"] = [{k: v for k, v in st.items() if _is_number(v)} for st in stages]
                 records.append(rec)
     # A run resumed from an older checkpoint logs some steps twice: keep the latest line of each step.
     by_step = {r["step"]: r for r in records}
     return [by_step[s] for s in sorted(by_step)]
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def percent(value) -> float | None:
-    """An accuracy as a percentage; probe files may hold fractions (0.817) or dicts with "accuracy"."""
+    """An accuracy as a percentage; probe files may hold fractions (0.817) or dicts with "accuracy".
+    Anything that is not a finite number counts as missing."""
     if isinstance(value, dict):
         value = value.get("accuracy")
-    if value is None:
+    if not _is_number(value) or not math.isfinite(value):
         return None
     value = float(value)
     return value * 100.0 if value <= 1.0 else value
@@ -105,11 +169,12 @@ def percent(value) -> float | None:
 
 def concept_name(probe: dict, folder: Path) -> str:
     name = probe.get("concept") or folder.name
+    name = name if isinstance(name, str) else str(name)
     return name[len("probe_"):] if name.startswith("probe_") else name
 
 
 def table_row(probe: dict) -> dict[str, float | None]:
-    row = {key: percent(v) for key, v in (probe.get("baselines") or {}).items()}
+    row = {str(key): percent(v) for key, v in _dict(probe.get("baselines")).items()}
     row["best"] = percent(probe.get("best"))
     return row
 
@@ -117,6 +182,7 @@ def table_row(probe: dict) -> dict[str, float | None]:
 # ---------------------------------------------------------------- pieces of HTML
 
 def inline_png(path: Path, alt: str, width: int | None = None) -> str:
+    """A PNG file inlined as a data: URL (callers with a results file's names use `embed`)."""
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     w = f' width="{width}"' if width else ""
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"{w}>'
@@ -141,7 +207,7 @@ def section_filters(run_dir: Path) -> str:
 
 
 def fmt(v: float | None) -> str:
-    return "&mdash;" if v is None else f"{v:.1f}"
+    return "\u2014" if v is None else f"{v:.1f}"  # an em dash: plain text, safe inside escaped cells too
 
 
 def table_html(rows: list[tuple[str, dict]], columns: list[tuple[str, str]], bold_best: bool = True) -> str:
@@ -198,10 +264,10 @@ def section_training(run_dir: Path, records: list[dict]) -> tuple[str, dict]:
              ("steps", meta.get("step")), ("images seen", meta.get("images_seen")),
              ("optimizer", f"{cfg.train.optimizer}, lr {cfg.train.lr}, batch {cfg.train.batch_size}"),
              ("engine", scale["engine"])]
-    if records and "elapsed_s" in records[-1]:
+    if records and _is_number(records[-1].get("elapsed_s")):
         pairs.append(("training time of the last session", f"{records[-1]['elapsed_s']:.0f} s"))
     parts = ["<h2>Training</h2>",
-             f'<p class="note">Scale: {scale["steps"]} steps, {scale["images_seen"]} images seen '
+             f'<p class="note">Scale: {esc(scale["steps"])} steps, {esc(scale["images_seen"])} images seen '
              f'(paper: 10 million 200x200 frames, 1,000 machines for three days). Numbers below reflect this '
              f'scale only.</p>', kv_table(pairs)]
     png = training_curves(records)
@@ -234,20 +300,20 @@ def section_table1(probes: list[tuple[Path, dict]]) -> str:
                  "paper's text; the other cells as collected in the project's paper notes. Their network saw 10 "
                  "million frames; compare margins over the baselines, not absolute numbers.</p>")
     for d, p in probes:
-        best = p.get("best") or {}
+        best = _dict(p.get("best"))
         parts.append(f"<h3>Probe: {html.escape(concept_name(p, d))}</h3>")
         pairs = [("best unit", best.get("unit")), ("accuracy", fmt(percent(best))),
                  ("threshold", best.get("threshold")), ("test set", p.get("testset", "?"))]
         parts.append(kv_table([(k, v) for k, v in pairs if v is not None]))
-        top = p.get("top") or []
+        top = [t for t in _list(p.get("top")) if isinstance(t, dict)]
         if top:
             rows_top = "".join(f"<tr><td>{i + 1}</td><td>{html.escape(str(t.get('unit')))}</td>"
                                f"<td>{fmt(percent(t))}</td></tr>" for i, t in enumerate(top[:10]))
             parts.append(f"<details><summary>top {min(10, len(top))} of {len(top)} units</summary><table>"
                          f"<tr><th>#</th><th>unit</th><th>accuracy</th></tr>{rows_top}</table></details>")
-        per = p.get("per_sublayer") or {}
+        per = _dict(p.get("per_sublayer"))
         if per:
-            rows_sub = "".join(f"<tr><th>{html.escape(k)}</th>"
+            rows_sub = "".join(f"<tr><th>{esc(k)}</th>"
                                f"<td>{html.escape(str(v.get('unit', '')) if isinstance(v, dict) else '')}</td>"
                                f"<td>{fmt(percent(v))}</td></tr>" for k, v in per.items())
             parts.append(f"<details><summary>best unit of each sublayer</summary><table><tr><th>sublayer</th>"
@@ -368,44 +434,42 @@ def section_heldout(probes: list[tuple[Path, dict]]) -> str:
 def section_visualize(items: list[tuple[Path, dict]]) -> str:
     parts = []
     for d, v in items:
-        files = v.get("files", {})
-        st = v.get("optimal_stimulus", {})
-        top = v.get("top_images", {})
-        parts.append(f"<h2>Unit {html.escape(str(v.get('unit')))}: {html.escape(str(v.get('concept', '')))}</h2>")
+        files = _dict(v.get("files"))
+        st = _dict(v.get("optimal_stimulus"))
+        top = _dict(v.get("top_images"))
+        parts.append(f"<h2>Unit {esc(v.get('unit'))}: {esc(v.get('concept', ''))}</h2>")
         parts.append("<h3>Histogram of activations (Figure 2)</h3>")
-        if (d / files.get("histogram", "histogram.png")).is_file():
-            parts.append(inline_png(d / files.get("histogram", "histogram.png"), "histogram"))
+        parts.append(embed(d, files.get("histogram", "histogram.png"), "histogram"))
         parts.append(f'<p class="note">Test set subsampled to as many negatives as positives '
-                     f'({v.get("histogram", {}).get("images_per_class", "?")} each). Red: positives, '
+                     f'({num(_dict(v.get("histogram")).get("images_per_class"), "d")} each). Red: positives, '
                      f'blue: negatives.</p>')
         parts.append("<h3>Top test images (Figure 3, top)</h3>")
-        if (d / files.get("top_images", "top_images.png")).is_file():
-            parts.append(inline_png(d / files.get("top_images", "top_images.png"), "top images"))
-        parts.append(f'<p class="note">{top.get("positives_among_top", "?")} of the top {top.get("count", "?")} '
-                     f'are positives (red frame); blue frames are negatives.</p>')
+        parts.append(embed(d, files.get("top_images", "top_images.png"), "top images"))
+        parts.append(f'<p class="note">{num(top.get("positives_among_top"), "d")} of the top '
+                     f'{num(top.get("count"), "d")} are positives (red frame); blue frames are negatives.</p>')
         parts.append("<h3>Optimal stimulus (Figure 3, bottom)</h3>")
-        if (d / files.get("optimal_stimulus", "optimal_stimulus.png")).is_file():
-            parts.append(inline_png(d / files.get("optimal_stimulus", "optimal_stimulus.png"), "optimal stimulus"))
+        parts.append(embed(d, files.get("optimal_stimulus", "optimal_stimulus.png"), "optimal stimulus"))
         if st:
-            parts.append(f'<p class="note">x* = argmax f(x) on the sphere ||x|| = {st.get("radius", 0):.4g} in the '
+            parts.append(f'<p class="note">x* = argmax f(x) on the sphere ||x|| = {num(st.get("radius"))} in the '
                          f'network\'s input space (shown as x*/||x*||, min-max scaled), projected gradient ascent '
-                         f'with Armijo line search, {st.get("restarts")} random starts. '
-                         f'f(x*) = {st.get("value", 0):.4g}; '
-                         f'best test image: {st.get("best_test_activation", 0):.4g}.</p>')
+                         f'with Armijo line search, {num(st.get("restarts"), "d")} random starts. '
+                         f'f(x*) = {num(st.get("value"))}; '
+                         f'best test image: {num(st.get("best_test_activation"))}.</p>')
     return "\n".join(parts)
 
 
 def section_invariance(items: list[tuple[Path, dict]]) -> str:
     parts = []
     for d, inv in items:
-        parts.append(f"<h2>Invariance of unit {html.escape(str(inv.get('unit')))} (Figure 4)</h2>")
-        for name, f in (inv.get("files") or {}).items():
-            if (d / f).is_file():
-                parts.append(inline_png(d / f, name))
-        parts.append(f'<p class="note">Mean response over {len(inv.get("images", []))} images; '
-                     f'{html.escape(str(inv.get("interpolation")))} interpolation, borders by '
-                     f'{html.escape(str(inv.get("border")))}; shifts in pixels at the {inv.get("input_size")}-pixel '
-                     f'network input. ' + ("No rotation sequences were given." if "rotation" not in inv.get("files", {})
+        files = _dict(inv.get("files"))
+        parts.append(f"<h2>Invariance of unit {esc(inv.get('unit'))} (Figure 4)</h2>")
+        for name, f in files.items():
+            parts.append(embed(d, f, str(name)))
+        images = inv.get("images")
+        parts.append(f'<p class="note">Mean response over {len(images) if isinstance(images, list) else "?"} images; '
+                     f'{esc(inv.get("interpolation"))} interpolation, borders by '
+                     f'{esc(inv.get("border"))}; shifts in pixels at the {num(inv.get("input_size"), "d")}-pixel '
+                     f'network input. ' + ("No rotation sequences were given." if "rotation" not in files
                                            else "") + "</p>")
     return "\n".join(parts)
 
@@ -419,7 +483,7 @@ def section_classify(items: list[tuple[Path, dict]]) -> str:
             pairs.append(("accuracy after fine-tuning", fmt(percent(c["finetuned"]))))
         if c.get("chance") is not None:
             pairs.append(("chance (majority class)", fmt(percent(c["chance"]))))
-        for k, v in (c.get("baselines") or {}).items():
+        for k, v in _dict(c.get("baselines")).items():
             pairs.append((f"baseline: {k}", fmt(percent(v))))
         parts.append(kv_table(pairs))
         per = c.get("per_class")
@@ -427,7 +491,7 @@ def section_classify(items: list[tuple[Path, dict]]) -> str:
             body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{fmt(percent(v))}</td></tr>" for k, v in per.items())
             parts.append(f"<details><summary>per class</summary><table>{body}</table></details>")
         for png in sorted(d.glob("*.png")):
-            parts.append(inline_png(png, png.stem))
+            parts.append(embed(d, png.name, png.stem))
     return "\n".join(parts)
 
 
@@ -446,7 +510,7 @@ def build_report(run_dir: Path, out: Path, probes=None, visualize=None, invarian
                                  ("classify", classify))}
     commands = list(first_commands or [])
     for kind in ("probe", "visualize", "invariance", "classify"):
-        commands += [c for _, j in found[kind] for c in (j.get("commands") or [])]
+        commands += [str(c) for _, j in found[kind] for c in _list(j.get("commands"))]
     if command:
         commands.append(command)
     title = f"grandmother report: {run_dir.resolve().name}"

@@ -29,6 +29,9 @@ def result_fields(run_dir: Path, meta: dict, command: str | None = None) -> dict
 
 def read_result(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise GrandmotherError(f"{path}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise GrandmotherError(f"{path}: not a results file (a JSON object was expected)")
+    return data

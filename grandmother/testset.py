@@ -38,6 +38,7 @@ Choices (the paper gives only the ratio, 13,026 faces among 37,000 images):
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -205,7 +206,8 @@ def build_testset(positive: list[str], negative: list[str], out: Path, positive_
 
     def extra(work: Path):
         np.save(work / "labels.npy", labels)
-        (work / "excluded.txt").write_text("".join(p + "\n" for p in excluded))
+        # the file names' own bytes (os.fsencode): a name that is not valid UTF-8 is written as it is
+        (work / "excluded.txt").write_bytes(b"".join(os.fsencode(p) + b"\n" for p in excluded))
 
     blocks = ((images[s:s + 4096], items[s:s + 4096]) for s in range(0, len(images), 4096))
     index = {"kind": "testset", "positives": int(labels.sum()), "negatives": int(len(labels) - labels.sum()),
@@ -236,8 +238,9 @@ def _progress(it, total, progress):
 
 
 def read_excluded(path: Path) -> list[str]:
-    """The paths listed in a test set's excluded.txt (grandmother.leakage checks training sets against it)."""
-    return [ln for ln in Path(path).read_text().splitlines() if ln]
+    """The paths listed in a test set's excluded.txt (grandmother.leakage checks training sets against it);
+    names that are not UTF-8 come back as os.fsdecode gives them."""
+    return [os.fsdecode(ln) for ln in Path(path).read_bytes().splitlines() if ln]
 
 
 __all__ = ["build_testset", "open_testset", "plan_testset", "PAPER_POSITIVE_FRACTION", "read_excluded"]

@@ -21,8 +21,8 @@ from .dataset import BatchOrder, load_batches, open_training_data
 from .errors import GrandmotherError
 from .io import append_jsonl, atomic_write_json
 from .model import Network, build_network
-from .optim import build_optimizer
-from .runtime import resolve_device, seed_everything
+from .optim import build_optimizer, load_optimizer_state
+from .runtime import resolve_device, seed_everything, sigterm_as_interrupt
 
 
 # ---------------------------------------------------------------- one training step (also what `bench` times)
@@ -54,13 +54,22 @@ def terms_to_floats(terms) -> list[dict[str, float]]:
 # ---------------------------------------------------------------- the training function
 
 def train(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, progress: bool = True,
-          dataset=None) -> dict:
-    """Train `cfg` on the images at `data_path`, writing to `out_dir`. Returns a summary dict."""
+          dataset=None, force_resume: bool = False) -> dict:
+    """Train `cfg` on the images at `data_path`, writing to `out_dir`. Returns a summary dict.
+
+    SIGTERM and Ctrl-C both end it with a checkpoint at the last completed step (then re-raise)."""
+    with sigterm_as_interrupt():
+        return _train(cfg, data_path, out_dir, resume, progress, dataset, force_resume)
+
+
+def _train(cfg, data_path, out_dir, resume, progress, dataset, force_resume) -> dict:
     # ============ setup ============
     out_dir = Path(out_dir)
     device = resolve_device(cfg.train.device)
-    ckpt, meta = open_run(out_dir, cfg, resume, engine="local")  # refuses a foreign run before any slow work
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # refuses a foreign run, a damaged one and changed settings before any slow work or any write
+    ckpt, meta, fresh_optimizer = open_run(out_dir, cfg, resume, engine="local", data_path=data_path,
+                                           force_resume=force_resume)
+    continue_run(out_dir, meta, resume)
     seed_everything(cfg.train.seed)
 
     # ============ data ============
@@ -86,16 +95,23 @@ def train(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, pro
     # ============ resume ============
     if ckpt is not None:
         tensors, state, meta = load_checkpoint(ckpt, map_location=device)
-        net.load_state_dict(tensors)
-        opt.load_state_dict(state["optimizer"])
+        try:
+            net.load_state_dict(tensors)
+        except RuntimeError as e:
+            raise GrandmotherError(f"{ckpt / 'model.safetensors'} does not fit the model: "
+                                   f"{str(e).strip().splitlines()[0].rstrip(':.')}") from None
+        if fresh_optimizer:
+            print(f"--force-resume: the {cfg.train.optimizer} optimizer starts afresh (the checkpoint's state "
+                  f"belongs to another optimizer)")
+        else:
+            load_optimizer_state(opt, state["optimizer"], cfg.train, ckpt)
         set_rng_state(state["rng"])
         start_step, images_seen = meta["step"], meta["images_seen"]
-    continue_run(out_dir, meta, resume)
     save_config(cfg, out_dir / "config.yaml")
 
     def checkpoint(step):
         meta = {"images_seen": images_seen, "model_signature": model_signature(cfg), "engine": "local",
-                "data": str(data_path), "dataset_size": len(dataset)}
+                "data": None if data_path is None else str(Path(data_path).resolve()), "dataset_size": len(dataset)}
         save_checkpoint(out_dir, step, net.state_dict(), {"optimizer": opt.state_dict(), "rng": rng_state()}, meta)
 
     # ============ training loop ============

@@ -8,7 +8,6 @@ Helpers the test files import (`from conftest import TINY, make_images, write_ru
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def need_shared_data() -> Path:

@@ -75,11 +75,15 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     before = latest_checkpoint(tmp_path / "run")
     tensors_before, _, _ = load_checkpoint(before)
 
-    def crash(*a, **k):
-        raise OSError("disk full (simulated)")
     import grandmother.checkpoint as ck
-    monkeypatch.setattr(ck.torch, "save", crash)  # model.safetensors is written, train_state.pt fails
-    with pytest.raises(OSError):
+    real_save = ck.save_file
+
+    def crash(tensors, filename, *a, **k):
+        if filename.endswith(ck.STATE_TENSORS):
+            raise OSError("disk full (simulated)")
+        return real_save(tensors, filename, *a, **k)
+    monkeypatch.setattr(ck, "save_file", crash)  # model.safetensors is written, the resume state fails
+    with pytest.raises(GrandmotherError, match="cannot write .*step_00000004: disk full"):
         train(load_config("small", TINY + ["train.steps=4"]), data, tmp_path / "run", resume=True, progress=False)
     monkeypatch.undo()
     after = latest_checkpoint(tmp_path / "run")

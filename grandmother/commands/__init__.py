@@ -5,7 +5,8 @@ One module per group of subcommands; each provides
     register(sub)   adds its parser(s), each with set_defaults(func=cmd_function)
 
 and its cmd_ functions turn parsed flags into calls of the library (grandmother/*.py), which never
-imports this package. Errors meant for the user (GrandmotherError) print as one line.
+imports this package. Errors meant for the user (GrandmotherError), flags argparse refuses, and OS errors
+that reach this far (an output that cannot be written) print as one line, `grandmother: error: ...`.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import argparse
 import sys
 
 from ..errors import GrandmotherError
+from ..io import describe_os_error
 from . import analysis, bench, classify, data, model, run
 
 # In the order `grandmother --help` lists them.
@@ -26,8 +28,15 @@ GROUPS = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a refused flag is one line (naming the command and the flag), like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"grandmother: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="grandmother",
         description="Learn high-level feature detectors from unlabeled images (Le et al., ICML 2012).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -38,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..runtime import Terminated
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -45,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     except GrandmotherError as e:
         print(f"grandmother: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file the library did not wrap (outputs are, by io.writing): name it, one line
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"grandmother: error: {where}{describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("grandmother: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("grandmother: interrupted", file=sys.stderr)
         return 130

@@ -72,13 +72,15 @@ def cmd_train(args):
                                    f"load their own batches")
     if cfg.train.partition and cfg.engine != "downpour":
         from ..parallel.engine import train_model_parallel
-        summary = train_model_parallel(cfg, Path(args.data), Path(args.out), resume=args.resume)
+        summary = train_model_parallel(cfg, Path(args.data), Path(args.out), resume=args.resume,
+                                       force_resume=args.force_resume)
     elif cfg.engine == "downpour":
         from ..downpour import train_downpour
-        summary = train_downpour(cfg, Path(args.data), Path(args.out), resume=args.resume)
+        summary = train_downpour(cfg, Path(args.data), Path(args.out), resume=args.resume,
+                                 force_resume=args.force_resume)
     else:
         from ..train import train
-        summary = train(cfg, Path(args.data), Path(args.out), resume=args.resume)
+        summary = train(cfg, Path(args.data), Path(args.out), resume=args.resume, force_resume=args.force_resume)
     final = summary.get("final") or {}
     print(f"trained {summary['steps']} steps ({summary['images_seen']} images); "
           f"final loss {final.get('loss', float('nan')):.4g}; run directory {summary['run_dir']}")
@@ -105,6 +107,8 @@ def register(sub):
     p.add_argument("--kernel", help="locally connected kernel: auto (fastest for the device) or a registered name")
     p.add_argument("--no-lcn", action="store_true", help="remove local contrast normalization (Table 1 ablation)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--force-resume", action="store_true",
+                   help="with --resume: accept settings or --data that differ from the run's (refused otherwise)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines")
     p.add_argument("--workers", type=int, help="background data-loading workers")

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, model_signature, read_meta, rng_state,
-                          save_checkpoint)
+from ..checkpoint import (continue_run, latest_checkpoint, load_checkpoint, model_signature, open_run, read_meta,
+                          rng_state, save_checkpoint)
 from ..config import Config, save_config
 from ..dataset import BatchOrder, open_training_data
 from ..errors import GrandmotherError
-from ..io import append_jsonl, atomic_write_json, truncate_jsonl
+from ..io import append_jsonl, atomic_write_json
 from ..model import build_network
 from ..optim import build_optimizer
 from ..runtime import resolve_device
@@ -84,7 +84,7 @@ def gather_checkpoint(net: ModelParallelNetwork, opt, full_shapes: dict, dst: in
 # ---------------------------------------------------------------- one worker
 
 def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str, data_path: str,
-            ckpt: str | None, progress: bool):
+            ckpt: str | None, progress: bool, fresh_optimizer: bool = False):
     partition = Partition.parse(partition_text)
     out_dir = Path(out_dir)
     device = resolve_device(cfg.train.device)
@@ -103,7 +103,8 @@ def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str
     if ckpt is not None:
         tensors, state, meta = load_checkpoint(Path(ckpt))
         net.load_full(tensors)
-        opt.load_state_dict(slice_optimizer_state(state["optimizer"], net))
+        if not fresh_optimizer:  # --force-resume with another train.optimizer: it starts afresh
+            opt.load_state_dict(slice_optimizer_state(state["optimizer"], net))
         start_step, images_seen = meta["step"], meta["images_seen"]
         del tensors, state
 
@@ -172,8 +173,9 @@ def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str
 # ---------------------------------------------------------------- the entry point
 
 def train_model_parallel(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, progress: bool = True,
-                         dataset=None) -> dict:
-    """`train.train` with the replica spread over `cfg.train.partition` workers; same run directory."""
+                         dataset=None, force_resume: bool = False) -> dict:
+    """`train.train` with the replica spread over `cfg.train.partition` workers; same run directory, opened
+    by the same checks (checkpoint.open_run / continue_run)."""
     partition = Partition.parse(cfg.train.partition)
     plan_stages(cfg.model, partition)  # a partition the network cannot take fails here, before any work
     out_dir = Path(out_dir)
@@ -181,16 +183,9 @@ def train_model_parallel(cfg: Config, data_path: Path, out_dir: Path, resume: bo
     if device.type == "cuda" and torch.cuda.device_count() < partition.size:
         raise GrandmotherError(f"--partition {partition}: {partition.size} workers need as many GPUs, this machine "
                                f"has {torch.cuda.device_count()}; use --device cpu or fewer workers")
-    ckpt = latest_checkpoint(out_dir)
-    if ckpt is not None and not resume:
-        raise GrandmotherError(f"{out_dir} already holds a run (checkpoint {ckpt.name}); pass --resume to "
-                               f"continue it, or choose another --out")
-    if ckpt is not None:
-        meta = read_meta(ckpt)
-        check_compatible(meta, cfg, ckpt)
-        if meta.get("engine", "local") != "local":
-            raise GrandmotherError(f"checkpoint {ckpt} was written by --engine {meta['engine']}; resume it with "
-                                   f"that engine, or choose another --out")
+    # refuses a foreign run, a damaged one and changed settings before any slow work or any write
+    ckpt, meta, fresh_optimizer = open_run(out_dir, cfg, resume, engine="local", data_path=data_path,
+                                           force_resume=force_resume)
     skipped = []
     if dataset is None:
         dataset, skipped_obj = open_training_data(Path(data_path), cfg.model.image_size, cfg.model.channels,
@@ -198,18 +193,16 @@ def train_model_parallel(cfg: Config, data_path: Path, out_dir: Path, resume: bo
         skipped = skipped_obj.items
     if len(dataset) == 0:
         raise GrandmotherError(f"no training images in {data_path}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    continue_run(out_dir, meta, resume)  # makes the folder, removes stale .tmp-step_*, trims metrics.jsonl
     if skipped:
         atomic_write_json(out_dir / "skipped.json", {"skipped": skipped})
         print(f"skipped {len(skipped)} unreadable image(s); list in {out_dir / 'skipped.json'}")
     if ckpt is not None:
-        step = read_meta(ckpt)["step"]
-        truncate_jsonl(out_dir / "metrics.jsonl", step)
-        print(f"resuming {out_dir} from step {step} with {partition.size} workers ({partition})")
+        print(f"resuming with {partition.size} workers ({partition})")
     save_config(cfg, out_dir / "config.yaml")
     backend = "nccl" if device.type == "cuda" else "gloo"
     spawn(_worker, partition.size, (cfg, str(partition), dataset, str(out_dir), str(data_path),
-                                    str(ckpt) if ckpt else None, progress), backend=backend)
+                                    str(ckpt) if ckpt else None, progress, fresh_optimizer), backend=backend)
     last = latest_checkpoint(out_dir)
     meta = read_meta(last)
     final = None

@@ -1,0 +1,740 @@
+"""Fault injection: untrusted run folders, damaged checkpoints, kills, full disks and bad input.
+
+Run alone with `pytest -m faults`. Every case of issue 12 has a test here:
+- a run folder is data, never code (a pickle that would create a file, under every command that reads runs);
+- checkpoints are never lost silently (damaged `latest`, stale `.tmp-step_*`, SIGTERM, changed settings);
+- SIGKILL during ingest, training, a checkpoint write and probe, then the same command again: identical results;
+- a disk-full checkpoint write (a small tmpfs where the test may mount one);
+- the report escapes every value and embeds files only from inside their result folder;
+- the embedded Ray of a Downpour run listens on 127.0.0.1 only;
+- every bad input named in the issue gets one line naming the flag or file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from grandmother.checkpoint import (CKPT_DIR, LEGACY_STATE, STATE_JSON, STATE_TENSORS, latest_checkpoint,
+                                    load_checkpoint, load_weights, pack_state, read_meta, rng_state, unpack_state)
+from grandmother.commands import main as cli
+from grandmother.config import load_config
+from grandmother.errors import GrandmotherError
+from grandmother.train import train
+
+from test_classify import make_labeled
+from test_train import TINY, make_images
+from test_visualize import make_testset
+
+pytestmark = pytest.mark.faults
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+TINY_FLAGS = sum((["--set", o] for o in TINY), [])
+
+
+def grandmother(*argv, timeout=120, **kw) -> subprocess.CompletedProcess:
+    """The command line in a fresh process (what a user, or a scheduler's kill, sees)."""
+    return subprocess.run([sys.executable, "-m", "grandmother", *map(str, argv)], env=ENV, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def start(*argv, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "grandmother", *map(str, argv)], env=ENV, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(cond, proc: subprocess.Popen | None = None, timeout: float = 90.0, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended before {what}: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def one_line_error(capsys, argv) -> str:
+    code = cli([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (code, err)
+    assert err.startswith("grandmother: error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def weights(run: Path) -> dict:
+    return load_weights(latest_checkpoint(run))[0]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A trained tiny run (2 steps), its training images, a labeled test set and a labeled folder."""
+    tmp = tmp_path_factory.mktemp("faults")
+    images = make_images(tmp / "imgs")
+    run = tmp / "run"
+    train(load_config("small", TINY + ["train.steps=2"]), images, run, progress=False)
+    (tmp / "ts").mkdir()
+    return {"tmp": tmp, "images": images, "run": run, "testset": make_testset(tmp / "ts"),
+            "labeled": make_labeled(tmp / "labeled", n_per_class=6)}
+
+
+def copy_run(world, dest: Path) -> Path:
+    shutil.copytree(world["run"], dest)
+    return dest
+
+
+# ================================================================ run folders are data, never code
+
+class CreatesFile:
+    """Unpickling this calls open(path, "w"): a file appears if the pickle is ever executed."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_malicious_train_state_executes_nothing(world, tmp_path, capsys):
+    marker = tmp_path / "EXECUTED"
+    evil = tmp_path / "evil.pt"
+    torch.save({"optimizer": CreatesFile(marker), "rng": {}}, evil)
+    torch.load(evil, weights_only=False)  # the control: this pickle really does create the file when loaded
+    assert marker.exists()
+    marker.unlink()
+
+    run = copy_run(world, tmp_path / "run")
+    ckpt = latest_checkpoint(run)
+    shutil.copy(evil, ckpt / LEGACY_STATE)  # beside the real (safetensors + JSON) resume state
+    out = tmp_path / "out"
+    commands = [
+        ["probe", run, "--testset", world["testset"], "--out", out / "probe", "--linear-filters", "0",
+         "--no-random-weights"],
+        ["visualize", run, "--testset", world["testset"], "--unit", "s0.pool.m0.y0.x0", "--out", out / "vis",
+         "--restarts", "1", "--iters", "3", "--top", "4", "--device", "cpu"],
+        ["invariance", run, "--unit", "s0.pool.m0.y0.x0", "--images", world["images"], "--out", out / "inv",
+         "--scales", "0.8,1.0", "--max-shift", "1", "--device", "cpu"],
+        ["classify", run, "--data", world["labeled"], "--out", out / "cls", "--max-iter", "5", "--quiet",
+         "--device", "cpu"],
+        ["report", run, "--out", out / "report.html"],
+        ["train", "--preset", "small", *TINY_FLAGS, "--steps", "3", "--data", world["images"], "--out", run,
+         "--resume"],
+    ]
+    for argv in commands:
+        assert cli([str(a) for a in argv]) == 0, (argv[0], capsys.readouterr().err[-2000:])
+        assert not marker.exists(), f"`grandmother {argv[0]}` executed a pickle from the run folder"
+    assert read_meta(latest_checkpoint(run))["step"] == 3
+
+    # Only the pickle left as resume state (as an older version wrote it): refused in one line, nothing runs.
+    ckpt = latest_checkpoint(run)
+    (ckpt / STATE_JSON).unlink()
+    (ckpt / STATE_TENSORS).unlink()
+    shutil.copy(evil, ckpt / LEGACY_STATE)
+    err = one_line_error(capsys, ["train", "--preset", "small", *TINY_FLAGS, "--steps", "4", "--data",
+                                  world["images"], "--out", run, "--resume"])
+    assert LEGACY_STATE in err and "refused" in err
+    assert not marker.exists()
+
+
+def test_resume_state_is_safetensors_and_json_and_round_trips(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    opts = [torch.optim.Adagrad(net.parameters(), lr=0.1), torch.optim.Adam(net.parameters(), lr=0.1),
+            torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)]
+    for opt in opts:
+        net(torch.randn(4, 3)).sum().backward()
+        opt.step()
+    state = {"optimizers": [o.state_dict() for o in opts], "rng": rng_state(),
+             "shards": [{"version": 3, "last_seq": {0: 5, 1: 7}, "last_step": {0: 9}}]}
+    tensors, skeleton = pack_state(state)
+    text = json.dumps(skeleton)
+    back = unpack_state(tensors, json.loads(text))
+    for o, sd in zip(opts, back["optimizers"]):
+        o.load_state_dict(sd)  # loads into the real optimizer
+    assert back["shards"] == state["shards"]
+    np_a, np_b = state["rng"]["numpy"], back["rng"]["numpy"]
+    assert np_a[0] == np_b[0] and np.array_equal(np_a[1], np_b[1]) and np_b[1].dtype == np_a[1].dtype
+    assert np_a[2:] == np_b[2:] and back["rng"]["python"] == state["rng"]["python"]
+    assert torch.equal(back["rng"]["torch"], state["rng"]["torch"])
+    import random
+    random.setstate(back["rng"]["python"])
+    np.random.set_state(back["rng"]["numpy"])
+    # a checkpoint folder holds no pickle at all
+    from grandmother.checkpoint import save_checkpoint
+    save_checkpoint(tmp_path, 1, net.state_dict(), state, {"images_seen": 0})
+    names = sorted(p.name for p in (tmp_path / CKPT_DIR / "step_00000001").iterdir())
+    assert names == ["meta.json", "model.safetensors", STATE_JSON, STATE_TENSORS]
+
+
+# ================================================================ checkpoints are never lost silently
+
+def _two_checkpoints(world, run: Path) -> Path:
+    """A run with checkpoints at steps 2 and 4 (checkpoint_every=2)."""
+    train(load_config("small", TINY + ["train.steps=4", "train.checkpoint_every=2"]), world["images"], run,
+          progress=False)
+    assert sorted(p.name for p in (run / CKPT_DIR).glob("step_*")) == ["step_00000002", "step_00000004"]
+    return run
+
+
+@pytest.mark.parametrize("damage, resumes_at", [
+    ("delete newest meta.json", 2),
+    ("empty latest", 4),
+    ("latest names a missing folder", 4),
+    ("delete latest", 4),
+])
+def test_damaged_pointer_never_starts_over(world, tmp_path, capsys, damage, resumes_at):
+    run = _two_checkpoints(world, tmp_path / "run")
+    root = run / CKPT_DIR
+    if damage == "delete newest meta.json":
+        (root / "step_00000004" / "meta.json").unlink()
+    elif damage == "empty latest":
+        (root / "latest").write_text("")
+    elif damage == "latest names a missing folder":
+        (root / "latest").write_text("step_00000099\n")
+    else:
+        (root / "latest").unlink()
+    lines_before = (run / "metrics.jsonl").read_text().splitlines()
+    capsys.readouterr()
+    # without --resume: refused, nothing changed
+    with pytest.raises(GrandmotherError, match="already holds a run"):
+        train(load_config("small", TINY + ["train.steps=6", "train.checkpoint_every=2"]), world["images"], run,
+              progress=False)
+    assert (root / "step_00000002").is_dir()
+    # with --resume: continues from the newest complete checkpoint, and says which
+    train(load_config("small", TINY + ["train.steps=6", "train.checkpoint_every=2"]), world["images"], run,
+          resume=True, progress=False)
+    captured = capsys.readouterr()
+    assert f"from step {resumes_at} " in captured.out
+    assert f"using step_{resumes_at:08d}" in captured.err
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7)), "metrics.jsonl must describe one run"
+    assert len(lines_before) == 4
+    assert read_meta(latest_checkpoint(run))["step"] == 6
+
+
+def test_step_folders_without_a_complete_one_are_refused(world, tmp_path, capsys):
+    run = _two_checkpoints(world, tmp_path / "run")
+    for p in (run / CKPT_DIR).glob("step_*"):
+        (p / "meta.json").unlink()
+    err = one_line_error(capsys, ["train", "--preset", "small", *TINY_FLAGS, "--steps", "6", "--data",
+                                  world["images"], "--out", run, "--resume"])
+    assert "none is complete" in err
+    assert len(list((run / CKPT_DIR).glob("step_*"))) == 2  # nothing deleted
+
+
+def test_stale_temporary_checkpoint_folder_is_removed_on_next_start(world, tmp_path):
+    run = copy_run(world, tmp_path / "run")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that no longer runs
+    stale = run / CKPT_DIR / f".tmp-step_00000009-{dead}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1000)
+    train(load_config("small", TINY + ["train.steps=3"]), world["images"], run, resume=True, progress=False)
+    assert not stale.exists()
+    assert not list((run / CKPT_DIR).glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("flags, setting", [
+    (["--no-lcn"], "model.lcn"),
+    (["--batch-size", "4"], "train.batch_size"),
+    (["--optimizer", "adagrad"], "train.optimizer"),  # the small preset trains with adam
+    (["--data", "{other}"], "--data"),
+])
+def test_resume_refuses_changed_settings_unless_forced(world, tmp_path, capsys, flags, setting):
+    run = copy_run(world, tmp_path / "run")
+    other = make_images(tmp_path / "other", n=12, seed=5)
+    flags = [f.replace("{other}", str(other)) for f in flags]
+    data = [] if "--data" in flags else ["--data", world["images"]]
+    argv = ["train", "--preset", "small", *TINY_FLAGS, "--steps", "3", *data, "--out", run, "--resume", *flags]
+    config_before = (run / "config.yaml").read_bytes()
+    err = one_line_error(capsys, argv)
+    assert setting in err and "--force-resume" in err
+    assert (run / "config.yaml").read_bytes() == config_before, "config.yaml rewritten before the checks passed"
+    assert read_meta(latest_checkpoint(run))["step"] == 2
+    assert cli([str(a) for a in argv + ["--force-resume"]]) == 0, capsys.readouterr().err
+    assert read_meta(latest_checkpoint(run))["step"] == 3
+    assert setting in capsys.readouterr().err  # the forced change is named
+
+
+def test_free_settings_may_change_on_resume(world, tmp_path, capsys):
+    run = copy_run(world, tmp_path / "run")
+    assert cli(["train", "--preset", "small", *TINY_FLAGS, "--steps", "3", "--data", str(world["images"]),
+                "--out", str(run), "--resume", "--checkpoint-every", "5", "--log-every", "2", "--workers", "0",
+                "--kernel", "reference", "--device", "cpu"]) == 0, capsys.readouterr().err
+
+
+# ================================================================ SIGTERM, SIGKILL and re-runs
+
+def _train_argv(world, run: Path, steps: int, *extra):
+    return ["train", "--preset", "small", *TINY_FLAGS, "--set", "train.checkpoint_every=2", "--steps", steps,
+            "--data", world["images"], "--out", run, *extra]
+
+
+def _metrics_steps(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def start_patched(patch: str, *argv) -> subprocess.Popen:
+    """The command line in a fresh process with `patch` (Python) run first: it slows one step down or
+    stops at a chosen point and prints a line, so a signal lands where the test wants it, on any machine."""
+    code = f"import sys, time\n{patch}\nfrom grandmother.commands import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], env=ENV, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# each metrics line (one per step here) takes 0.25 s: time for a signal to land mid-run
+SLOW_STEPS = """
+import grandmother.io as io
+real = io.append_jsonl
+def slow(path, record):
+    real(path, record)
+    time.sleep(0.25)
+io.append_jsonl = slow
+"""
+
+# the process stops half-way through writing the checkpoint of step 4 (model written, resume state not)
+STOP_IN_CHECKPOINT = """
+import grandmother.checkpoint as ck
+real = ck.save_file
+def slow(tensors, filename, *a, **k):
+    real(tensors, filename, *a, **k)
+    if filename.endswith(ck.STATE_TENSORS) and "step_00000004" in filename:
+        print("STOPPED", flush=True)
+        time.sleep(120)
+ck.save_file = slow
+"""
+
+# ingest stops after its second shard is written
+STOP_AFTER_SHARD = """
+import grandmother.ingest as ingest
+real = ingest._ShardBuffer.write
+def slow(self, work, k, *a, **kw):
+    out = real(self, work, k, *a, **kw)
+    if k == 1:
+        print("STOPPED", flush=True)
+        time.sleep(120)
+    return out
+ingest._ShardBuffer.write = slow
+"""
+
+# probe stops after its first progress save
+STOP_AFTER_PROBE_SAVE = """
+import grandmother.probe_protocol as pp
+real = pp.ProtocolState.save
+def slow(self, path, fingerprint):
+    real(self, path, fingerprint)
+    print("STOPPED", flush=True)
+    time.sleep(120)
+pp.ProtocolState.save = slow
+"""
+
+
+def stopped(job: subprocess.Popen) -> None:
+    line = job.stdout.readline()
+    while line and line.strip() != "STOPPED":
+        line = job.stdout.readline()
+    assert line.strip() == "STOPPED", job.stderr.read()[-2000:]
+
+
+def test_sigterm_checkpoints_like_ctrl_c_and_sigkill_resumes_identically(world, tmp_path):
+    reference = tmp_path / "reference"
+    train(load_config("small", TINY + ["train.steps=12", "train.checkpoint_every=2"]), world["images"], reference,
+          progress=False)
+    # SIGTERM: a checkpoint at the last completed step, exit status 128 + 15, "continue with --resume"
+    run = tmp_path / "run"
+    job = start_patched(SLOW_STEPS, *_train_argv(world, run, 12))
+    wait_for(lambda: _metrics_steps(run) >= 3, job, what="3 training steps")
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=60)
+    assert job.returncode == 143, err[-2000:]
+    assert "terminated" in err and "--resume" in out
+    at = read_meta(latest_checkpoint(run))["step"]
+    assert 3 <= at < 12 and at == _metrics_steps(run), "the checkpoint is at the last completed step"
+    # SIGKILL (no handler can run): the re-run resumes from the last checkpoint
+    job = start_patched(SLOW_STEPS, *_train_argv(world, run, 12, "--resume"))
+    wait_for(lambda: _metrics_steps(run) >= at + 3, job, what="3 more steps")
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert read_meta(latest_checkpoint(run))["step"] < 12, "killed too late"
+    done = grandmother(*_train_argv(world, run, 12, "--resume"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert same_weights(run, reference), "kill + resume must equal the uninterrupted run"
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(world, tmp_path):
+    reference = tmp_path / "reference"
+    train(load_config("small", TINY + ["train.steps=6", "train.checkpoint_every=2"]), world["images"], reference,
+          progress=False)
+    run = tmp_path / "run"
+    job = start_patched(STOP_IN_CHECKPOINT, *_train_argv(world, run, 6))
+    stopped(job)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert list((run / CKPT_DIR).glob(".tmp-step_00000004-*")), "the kill should leave a half-written folder"
+    assert latest_checkpoint(run).name == "step_00000002"
+    done = grandmother(*_train_argv(world, run, 6, "--resume"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "removed 1 unfinished checkpoint folder" in done.stderr
+    assert not list((run / CKPT_DIR).glob(".tmp-*"))
+    assert same_weights(run, reference)
+
+
+def test_sigkill_during_ingest_then_rerun_gives_the_same_dataset(tmp_path):
+    src = make_images(tmp_path / "src", n=40, size=24)
+    argv = ["ingest", src, "--size", "32", "--color", "gray", "--workers", "1", "--shard-size", "8", "--quiet"]
+    clean = grandmother(*argv, "--out", tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    out = tmp_path / "killed"
+    job = start_patched(STOP_AFTER_SHARD, *argv, "--out", out)
+    stopped(job)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert not (out / "index.json").is_file()
+    again = grandmother(*argv, "--out", out)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming" in again.stdout and "2 of 5 shards" in again.stdout
+    a, b = json.loads((tmp_path / "clean" / "index.json").read_text()), json.loads((out / "index.json").read_text())
+    drop = ("created", "elapsed_s", "out", "command")
+    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+    for shard in a["shards"]:
+        assert np.array_equal(np.load(tmp_path / "clean" / shard["file"]), np.load(out / shard["file"]))
+
+
+def test_sigkill_during_probe_then_rerun_gives_the_same_result(world, tmp_path):
+    argv = ["probe", world["run"], "--testset", world["testset"], "--linear-filters", "0", "--batch-size", "1",
+            "--no-random-weights", "--device", "cpu"]
+    clean = grandmother(*argv, "--out", tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    out = tmp_path / "killed"
+    job = start_patched(STOP_AFTER_PROBE_SAVE, *argv, "--out", out)
+    stopped(job)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert (out / "cache" / "network.npz").is_file() and not (out / "probe.json").exists()
+    again = grandmother(*argv, "--out", out)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = json.loads((tmp_path / "clean" / "probe.json").read_text()), json.loads((out / "probe.json").read_text())
+    assert a["best"] == b["best"] and a["baselines"] == b["baselines"] and a["top"] == b["top"]
+
+
+# ================================================================ full disk, unwritable outputs
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip() or 'mount failed'}); the disk-full "
+                    f"checkpoint test needs one (root or CAP_SYS_ADMIN)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_disk_full_while_writing_a_checkpoint(world, small_tmpfs, capsys):
+    run = small_tmpfs / "run"
+    train(load_config("small", TINY + ["train.steps=2"]), world["images"], run, progress=False)
+    free = shutil.disk_usage(small_tmpfs).free
+    filler = small_tmpfs / "filler"
+    with open(filler, "wb") as f:  # leave less room than one checkpoint needs
+        f.write(b"\0" * max(0, free - 2048))
+    err = one_line_error(capsys, ["train", "--preset", "small", *TINY_FLAGS, "--steps", "4", "--data",
+                                  world["images"], "--out", run, "--resume"])
+    assert "No space left on device" in err and str(run) in err
+    assert latest_checkpoint(run).name == "step_00000002"
+    load_checkpoint(latest_checkpoint(run))  # the previous checkpoint is whole
+    assert not list((run / CKPT_DIR).glob(".tmp-*"))
+    filler.unlink()
+    assert cli(["train", "--preset", "small", *TINY_FLAGS, "--steps", "4", "--data", str(world["images"]),
+                "--out", str(run), "--resume"]) == 0
+    assert read_meta(latest_checkpoint(run))["step"] == 4
+
+
+def test_read_only_output_folder(world, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({r.stderr.strip() or 'mount failed'}); as root a "
+                    f"chmod-ed folder stays writable, so this case needs a mount")
+    try:
+        err = one_line_error(capsys, ["train", "--preset", "small", *TINY_FLAGS, "--steps", "1", "--data",
+                                      world["images"], "--out", ro / "run"])
+        assert str(ro / "run") in err and "Read-only file system" in err
+        err = one_line_error(capsys, ["report", world["run"], "--out", ro / "report.html"])
+        assert str(ro / "report.html") in err and "Read-only file system" in err
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+
+
+def test_unwritable_output_is_one_line_in_every_command(world, tmp_path, capsys):
+    bad = Path("/proc/grandmother-cannot-write-here")
+    run, ts, imgs = world["run"], world["testset"], world["images"]
+    commands = [
+        ["train", "--preset", "small", *TINY_FLAGS, "--steps", "1", "--data", imgs, "--out", bad],
+        ["ingest", imgs, "--size", "32", "--out", bad],
+        ["testset", "--positive", imgs, "--negative", world["labeled"], "--size", "16", "--out", bad],
+        ["probe", run, "--testset", ts, "--linear-filters", "0", "--out", bad],
+        ["visualize", run, "--testset", ts, "--unit", "s0.pool.m0.y0.x0", "--iters", "2", "--out", bad],
+        ["invariance", run, "--unit", "s0.pool.m0.y0.x0", "--images", imgs, "--out", bad],
+        ["classify", run, "--data", world["labeled"], "--max-iter", "2", "--quiet", "--out", bad],
+        ["report", run, "--out", bad / "report.html"],
+        ["run", imgs, "--out", bad, "--steps", "1", "--set", "train.batch_size=8"],
+    ]
+    for argv in commands:
+        err = one_line_error(capsys, argv)
+        assert str(bad) in err, (argv[0], err)
+
+
+# ================================================================ report
+
+EVIL = '<script>alert("x")</script>../../'
+
+
+def _poison(obj):
+    if isinstance(obj, str):
+        return EVIL + obj
+    if isinstance(obj, list):
+        return [_poison(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _poison(v) for k, v in obj.items()}
+    return obj
+
+
+def _stringify(obj):
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return f"{EVIL}{obj}"
+    if isinstance(obj, list):
+        return [_stringify(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _stringify(v) for k, v in obj.items()}
+    return obj
+
+
+@pytest.mark.parametrize("mutate", [_poison, _stringify], ids=["strings", "numbers-as-strings"])
+def test_report_escapes_every_value_and_embeds_only_files_inside(world, tmp_path, capsys, mutate):
+    from grandmother.report import build_report
+    out = tmp_path / "out"
+    run = copy_run(world, out / "run")
+    secret = tmp_path / "secret.png"  # outside every result folder
+    Image.fromarray(np.full((3, 3), 7, np.uint8)).save(secret)
+    png = Image.new("L", (2, 2))
+    results = {
+        "probe": {"concept": "faces", "run": str(run), "testset": "t",
+                  "best": {"unit": "s0.lcn.m0.y0.x0", "accuracy": 0.7, "threshold": 0.5},
+                  "top": [{"unit": "s0.lcn.m0.y0.x0", "accuracy": 0.7}],
+                  "per_sublayer": {"s0.lcn": {"unit": "u", "accuracy": 0.6}},
+                  "baselines": {"random_guess": 0.6, "random_weights": 0.61, "extra": 0.5}, "commands": ["c"]},
+        "visualize": {"unit": "s0.pool.m0.y0.x0", "concept": "faces", "run_dir": str(run),
+                      "files": {"histogram": str(secret), "top_images": "../secret.png",
+                                "optimal_stimulus": "link.png"},
+                      "histogram": {"images_per_class": 5}, "top_images": {"positives_among_top": 3, "count": 4},
+                      "optimal_stimulus": {"radius": 1.0, "restarts": 2, "value": 3.0, "best_test_activation": 2.0},
+                      "commands": ["v"]},
+        "invariance": {"unit": "u", "run_dir": str(run), "files": {"scale": str(secret), "shift": "../secret.png"},
+                       "images": ["a", "b"], "interpolation": "bilinear", "border": "reflect", "input_size": 16},
+        "classify": {"run_dir": str(run), "accuracy": 0.9, "chance": 0.5, "baselines": {"pixels": 0.8},
+                     "per_class": {"h": 0.9, "v": 0.8}},
+    }
+    for kind, data in results.items():
+        folder = out / kind
+        folder.mkdir()
+        (folder / f"{kind}.json").write_text(json.dumps(mutate(data)))
+        png.save(folder / "inside.png")
+    (out / "visualize" / "link.png").symlink_to(secret)  # a link inside that leads outside
+    (out / "classify" / "leak.png").symlink_to(secret)
+    report = out / "report.html"
+    build_report(run, report, probes=[out / "probe"], visualize=[out / "visualize"],
+                 invariance=[out / "invariance"], classify=[out / "classify"])
+    page = report.read_text()
+    assert "<script" not in page.lower()
+    import base64
+    secret_b64 = base64.b64encode(secret.read_bytes()).decode()
+    assert secret_b64 not in page, "a file outside its result folder was embedded"
+    assert "&lt;script&gt;" in page  # the values are there, as text
+    assert "outside" in capsys.readouterr().err
+
+
+# ================================================================ Ray listens on 127.0.0.1 only
+
+def _listening_sockets_of(pids: set[int]) -> list[str]:
+    """host:port of every TCP LISTEN socket owned by `pids` (from /proc, as `ss -ltnp` reads it)."""
+    inodes = {}
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = pid
+        except OSError:
+            continue
+    out = []
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            local, state, inode = f[1], f[3], f[9]
+            if state != "0A" or inode not in inodes:  # 0A = LISTEN
+                continue
+            host_hex, port_hex = local.split(":")
+            raw = bytes.fromhex(host_hex)
+            if v6:
+                words = [raw[i:i + 4][::-1] for i in range(0, 16, 4)]
+                b = b"".join(words)
+                host = (f"{b[12]}.{b[13]}.{b[14]}.{b[15]}" if b[:12] == b"\0" * 10 + b"\xff\xff"
+                        else ":".join(b[i:i + 2].hex() for i in range(0, 16, 2)))
+            else:
+                host = ".".join(str(x) for x in raw[::-1])
+            out.append(f"{host}:{int(port_hex, 16)}")
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(p))
+    out, todo = set(), [pid]
+    while todo:
+        q = todo.pop()
+        out.add(q)
+        todo += children.get(q, [])
+    return out
+
+
+@pytest.mark.ray
+def test_downpour_ray_listens_on_loopback_only_and_sigterm_checkpoints(world, tmp_path):
+    pytest.importorskip("ray")
+    run = tmp_path / "dp"
+    job = start("train", "--preset", "small", *TINY_FLAGS, "--set", "downpour.ps_checkpoint_every=1000",
+                "--set", "train.norm_control=none", "--engine", "downpour", "--replicas", "1", "--replica-cpus", "0.5", "--ps-shards", "2",
+                "--steps", "100000", "--data", world["images"], "--out", run)
+    wait_for(lambda: _metrics_steps(run) >= 3, job, timeout=120, what="3 Downpour steps")
+    pids = _descendants(job.pid)
+    addresses = _listening_sockets_of(pids)
+    assert addresses, "found no listening socket of the Ray processes"
+    assert all(a.startswith("127.0.0.1:") for a in addresses), addresses
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=90)
+    assert job.returncode == 143, err[-2000:]
+    assert "Ray: embedded instance on 127.0.0.1" in err  # what Ray itself reported to the driver
+    assert read_meta(latest_checkpoint(run))["step"] >= 3
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids - {job.pid}):
+        time.sleep(0.5)
+
+
+# ================================================================ one line for every bad input
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--kernel", "bogus"], "bogus"),
+    (["--checkpoint-every", "0"], "train.checkpoint_every"),
+    (["--log-every", "0"], "train.log_every"),
+    (["--lr", "nan"], "train.lr"),
+    (["--workers", "-1"], "train.num_workers"),
+    (["--set", "model.sparsity=[1"], "model.sparsity=[1"),
+    (["--engine", "downpour", "--set", "train.norm_control=none", "--replica-cpus", "-1"], "downpour.replica_cpus"),
+    (["--set", "downpour.warmstart_steps=-2"], "downpour.warmstart_steps"),
+])
+def test_bad_settings_are_one_line(world, tmp_path, capsys, extra, needle):
+    err = one_line_error(capsys, ["train", "--preset", "small", *TINY_FLAGS, "--steps", "1", "--data",
+                                  world["images"], "--out", tmp_path / "r", *extra])
+    assert needle in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_yaml_with_python_tag_is_refused_and_not_run(tmp_path, capsys):
+    marker = tmp_path / "EXECUTED"
+    cfg = tmp_path / "evil.yaml"
+    cfg.write_text(f"model: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
+    err = one_line_error(capsys, ["model-info", "--preset", cfg])
+    assert str(cfg) in err and "python" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--device", "bogus"], "--device 'bogus'"),
+    (["--device", "cuda"], "CUDA is not available"),
+])
+def test_probe_flags_are_one_line(world, tmp_path, capsys, argv, needle):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    err = one_line_error(capsys, ["probe", world["run"], "--testset", world["testset"], "--out", tmp_path / "p",
+                                  "--linear-filters", "0", *argv])
+    assert needle in err and "checkpoint" not in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong tensors"])
+def test_damaged_model_file_is_one_line(world, tmp_path, capsys, damage):
+    run = copy_run(world, tmp_path / "run")
+    f = latest_checkpoint(run) / "model.safetensors"
+    if damage == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif damage == "garbage":
+        f.write_bytes(os.urandom(4096))
+    else:
+        from safetensors.torch import save_file
+        save_file({"x": torch.zeros(3)}, str(f))
+    for argv in (["probe", run, "--testset", world["testset"], "--out", tmp_path / "p", "--linear-filters", "0"],
+                 ["train", "--preset", "small", *TINY_FLAGS, "--steps", "3", "--data", world["images"], "--out",
+                  run, "--resume"]):
+        err = one_line_error(capsys, argv)
+        assert "model.safetensors" in err, err
+
+
+def test_testset_with_a_non_utf8_file_name(tmp_path, capsys):
+    pos, neg = tmp_path / "pos", make_images(tmp_path / "neg", n=6, seed=1)
+    person = make_images(pos / "person", n=6)  # one identity: all its files are excluded from training
+    odd = os.fsencode(str(person)) + b"/caf\xe9.png"  # Latin-1, not valid UTF-8
+    shutil.copy(person / "img_000.png", odd)
+    out = tmp_path / "ts"
+    assert cli(["testset", "--positive", str(pos), "--negative", str(neg), "--size", "16", "--color", "gray",
+                "--out", str(out)]) == 0, capsys.readouterr().err
+    assert not list(tmp_path.glob("*.partial*")) and not list(out.parent.glob(".*partial*"))
+    excluded = (out / "excluded.txt").read_bytes().splitlines()
+    assert odd in excluded  # the exact bytes of the name, so `ingest --exclude` matches it
+
+
+def test_ingest_lists_links_it_cannot_follow_and_says_why_a_read_failed(tmp_path):
+    src = make_images(tmp_path / "src", n=4)
+    (src / "loop.png").symlink_to("loop.png")
+    (src / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (src / "mem.png").symlink_to("/proc/self/mem")  # a file that fails on read (EIO), though stat says 0 bytes
+    (src / "empty.png").write_bytes(b"")
+    out = tmp_path / "data"
+    r = grandmother("ingest", src, "--size", "32", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    skipped = {Path(s["path"]).name: s["reason"] for s in json.loads((out / "index.json").read_text())["skipped"]}
+    assert set(skipped) == {"loop.png", "dangling.png", "mem.png", "empty.png"}, skipped
+    assert "loop" in skipped["loop.png"] and "dangling" in skipped["dangling.png"]
+    assert "empty" in skipped["empty.png"] and "empty" not in skipped["mem.png"]

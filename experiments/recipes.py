@@ -13,6 +13,8 @@ ADAM_DEC = ["train.optimizer=adam", "train.lr=0.001", "train.norm_control=decode
 # Fewer, larger top-stage fields: stage 2 sees the whole 16x16 stage-1 map with a 12x12 field
 # (5x5 locations, 3x3 after pooling) and 16 maps.
 BIG_TOP = ["model.stages.2.receptive_field=12", "model.stages.2.maps=16"]
+TIED = ["train.optimizer=adam", "train.lr=0.001", "train.norm_control=encoder", "model.tied=true"]
+LONG = ["train.checkpoint_every=5000", "train.log_every=500"]
 SCREEN = 20_000  # the shared machine ran at ~60-90 img/s under other jobs' load: 200 steps each
 
 RECIPES = {
@@ -45,6 +47,13 @@ RECIPES = {
     "tied_encnorm_100k": {"what": "tied weights, Adam 1e-3, encoder unit norm, 5x longer",
                           "sets": ["train.optimizer=adam", "train.lr=0.001", "train.norm_control=encoder", "model.tied=true"],
                           "images": 100_000},
+    # Long runs on the idle machine (one thread, about 1,600 images/s): READING.md saw training add
+    # information at stages 0 and 1 only after 1.5 million images. A checkpoint every 500,000 images
+    # (the newest two are kept) so the row can also be scored part-way.
+    "adam_decnorm_1.5M": {"what": "Adam 1e-3, decoder unit norm, 1.5 million images",
+                          "sets": ADAM_DEC + LONG, "images": 1_500_000},
+    "tied_sparse0.3_1.5M": {"what": "tied weights, Adam 1e-3, encoder unit norm, lambda 0.3, 1.5 million images",
+                            "sets": TIED + ["model.sparsity=0.3"] + LONG, "images": 1_500_000},
     "decnorm_inputlcn": {"what": "Adam 1e-3, decoder unit norm, input whitened locally (LCN on pixels)",
                          "sets": ADAM_DEC + ["model.input_norm=lcn"], "images": SCREEN},
     "decnorm_joint": {"what": "Adam 1e-3, decoder unit norm, joint gradients between stages",

@@ -89,10 +89,10 @@ def _baselines(cfg, images, labels, split, groups, concept) -> dict:
     return _cached(RUNS / "_baselines" / f"{concept}_{cfg.model.input_norm}_{PROTOCOL}.json", make)
 
 
-def score(name: str, cfg, run_dir: Path, concept: str) -> dict:
-    from grandmother.checkpoint import latest_checkpoint, load_checkpoint
+def score(name: str, cfg, ckpt: Path, concept: str) -> dict:
+    from grandmother.checkpoint import load_checkpoint
     images, labels, groups, split = ev.load_test(DATA / f"test_{concept}")
-    tensors, _, _ = load_checkpoint(latest_checkpoint(run_dir))
+    tensors, _, _ = load_checkpoint(ckpt)
     trained = _score_network(ev.network_units(_network(cfg, tensors), images), labels, split, groups)
     random = _random_baseline(cfg, images, labels, split, groups, concept)
     return {"test": f"test_{concept}", "images": int(len(labels)), "positives": int(labels.sum()),
@@ -108,6 +108,8 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--train-only", action="store_true", help="train (if not trained yet), do not score")
     ap.add_argument("--images", type=int, help="override the recipe's images seen (smoke tests; row not kept)")
+    ap.add_argument("--step", type=int, help="score the run's kept checkpoint of this step (a part-way row, "
+                    "NAME@IMAGES, e.g. adam_decnorm_1.5M@1000k) instead of the last one")
     args = ap.parse_args(argv)
     if args.list or not args.name:
         for n, r in RECIPES.items():
@@ -132,22 +134,30 @@ def main(argv=None):
     if args.train_only:
         return
     timing = json.loads(timing_file.read_text())
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    row = {"name": args.name, "order": list(RECIPES).index(args.name), "what": recipe["what"], "sets": recipe["sets"], "data": recipe.get("data", "train"),
-           "images_seen": timing["images_seen"], "train_wall_s": round(timing["wall_s"], 1),
-           "final_metrics": last, "scores": {}}
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    name, ckpt, last = args.name, latest_checkpoint(run_dir), metrics[-1]
+    if args.step:  # a part-way row: the kept checkpoint of that step, its metrics line, a pro-rata time
+        ckpt = run_dir / "checkpoints" / f"step_{args.step:08d}"
+        if not ckpt.is_dir():
+            sys.exit(f"run.py: --step {args.step}: {ckpt} is not kept (the run keeps its newest two checkpoints)")
+        last = next(m for m in metrics if m["step"] == args.step)
+        timing = {"images_seen": last["images"], "wall_s": timing["wall_s"] * last["images"] / timing["images_seen"]}
+        name = f"{args.name}@{last['images'] // 1000}k"
+    row = {"name": name, "order": list(RECIPES).index(args.name), "what": recipe["what"], "sets": recipe["sets"],
+           "data": recipe.get("data", "train"), "images_seen": timing["images_seen"],
+           "train_wall_s": round(timing["wall_s"], 1), "final_metrics": last, "scores": {}}
     t0 = time.time()
     for concept in args.concepts:
-        row["scores"][concept] = score(args.name, cfg, run_dir, concept)
+        row["scores"][concept] = score(name, cfg, ckpt, concept)
     row["score_wall_s"] = round(time.time() - t0, 1)
     if not args.images:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(row, indent=1))
+        (RESULTS / f"{name}.json").write_text(json.dumps(row, indent=1))
     f = row["scores"]["faces"] if "faces" in row["scores"] else next(iter(row["scores"].values()))
     rnd = max(s["best"]["evaluation_accuracy"] for s in f["random"]["seeds"])
     top = f["trained"]["stages"][-1]
     top_r = max(s["stages"][-1]["evaluation_accuracy"] for s in f["random"]["seeds"])
-    print(f"{args.name}: {timing['images_seen']} images in {timing['wall_s']:.0f} s; best unit "
+    print(f"{name}: {timing['images_seen']} images in {timing['wall_s']:.0f} s; best unit "
           f"{f['trained']['best']['evaluation_accuracy']:.3f} (stage {f['trained']['best']['stage']}) vs random "
           f"{rnd:.3f}; top stage {top['evaluation_accuracy']:.3f} vs random {top_r:.3f}; "
           f"AUC/stage " + " ".join(f"{s['best_auc']['evaluation_auc']:.2f}" for s in f["trained"]["stages"]))

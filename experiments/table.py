@@ -50,9 +50,14 @@ HEADER = ("| run | setting | images seen | train min | AUC per stage, trained | 
           "| best trivial cue | linear filter (10,000) |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def _order(p: Path):
+    res = json.loads(p.read_text())
+    return res.get("order", 0), res["images_seen"]  # a part-way row (NAME@...k) before its run's last
+
+
 def concept_rows(concept: str) -> list[str]:
     out = []
-    for p in sorted(RESULTS.glob("*.json"), key=lambda p: json.loads(p.read_text()).get("order", 0)):
+    for p in sorted(RESULTS.glob("*.json"), key=_order):
         res = json.loads(p.read_text())
         if concept in res["scores"]:
             out.append(row(res, concept))
@@ -62,7 +67,7 @@ def concept_rows(concept: str) -> list[str]:
 def selection_rows() -> list[str]:
     """The numbers the defaults are chosen by: selection-half accuracies only (faces)."""
     rows = []
-    for p in sorted(RESULTS.glob("*.json"), key=lambda p: json.loads(p.read_text()).get("order", 0)):
+    for p in sorted(RESULTS.glob("*.json"), key=_order):
         res = json.loads(p.read_text())
         if res.get("data", "train") != "train" or "faces" not in res["scores"]:
             continue  # the control and the few-faces runs change the data, not the recipe

@@ -102,6 +102,11 @@ class TrainConfig:
     # on the 2-core CPU. Deterministic, and the choice is saved in the optimizer state, so a resumed run
     # continues with the implementation it started with; last-bit differences from the loop.
     fused_optimizer: bool = True
+    # "joint": every step trains every stage (each on the current output of the stage below; the paper).
+    # "greedy": the steps are split into equal phases, one per stage, bottom up; in phase s only stage s
+    # learns and the stages below it are frozen (stage-wise pretraining, Hinton et al. 2006; Le et al.
+    # 2011 trained RICA layer by layer). Needs model.stage_gradients=local; single-device engine only.
+    schedule: str = "joint"
 
 
 @dataclass
@@ -139,6 +144,7 @@ CHOICES = {
     "model.kind": ("sparse_ae", "sigmoid_ae"),
     "train.optimizer": ("sgd", "adagrad", "adam"),
     "train.norm_control": ("none", "decoder", "encoder"),
+    "train.schedule": ("joint", "greedy"),
     "train.device": ("auto", "cpu", "cuda"),
     "downpour.replica_device": ("cpu", "cuda"),
 }
@@ -252,6 +258,9 @@ def validate(cfg: Config) -> None:
     if cfg.engine == "downpour" and t.norm_control != "none":
         raise ConfigError(f"train.norm_control={t.norm_control}: the Downpour engine does not project norms (its "
                           f"shards hold flat slices); use --set train.norm_control=none with --engine downpour")
+    if t.schedule == "greedy" and (m.stage_gradients != "local" or cfg.engine != "local" or t.partition):
+        raise ConfigError("train.schedule=greedy needs model.stage_gradients=local and the single-device engine "
+                          "(no --engine downpour, no --model-parallel)")
     if t.partition:
         from .parallel.partition import Partition, plan_stages
         plan_stages(m, Partition.parse(t.partition))

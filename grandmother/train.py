@@ -33,13 +33,22 @@ def loss_and_terms(net: Network, images: torch.Tensor):
     return out.loss, out.terms
 
 
-def train_step(net: Network, opt: torch.optim.Optimizer, batch: torch.Tensor, train_cfg):
+def active_stage(train_cfg, step: int, num_stages: int) -> int | None:
+    """The one stage that learns at `step` under train.schedule=greedy (equal phases, bottom up); None = all."""
+    if train_cfg.schedule != "greedy":
+        return None
+    return min(num_stages - 1, step * num_stages // max(1, train_cfg.steps))
+
+
+def train_step(net: Network, opt: torch.optim.Optimizer, batch: torch.Tensor, train_cfg, stage: int | None = None):
     """One optimizer step on one uint8 batch: objective, backward, optional clipping (train.grad_clip),
-    update, then the norm projection (train.norm_control). Returns the network's output on the batch
-    before the update (loss, per-stage terms, activations)."""
+    update, then the norm projection (train.norm_control). `stage` (greedy schedule): only that stage's
+    objective is minimised, so only its weights move (stage gradients are local). Returns the network's
+    output on the batch before the update (loss, per-stage terms, activations)."""
     out = net(net.prepare(batch), objective=True)
     opt.zero_grad(set_to_none=True)
-    out.loss.backward()
+    t = out.terms[stage] if stage is not None else None
+    (out.loss if t is None else t["reconstruction"] + t["sparsity"]).backward()
     if train_cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(net.parameters(), train_cfg.grad_clip)
     opt.step()
@@ -131,7 +140,7 @@ def _train(cfg, data_path, out_dir, resume, progress, dataset, force_resume) -> 
                                workers=cfg.train.num_workers, pin_memory=device.type == "cuda")
         for step, batch in zip(range(start_step, steps), batches):
             batch = batch.to(device, non_blocking=True)
-            out = train_step(net, opt, batch, cfg.train)
+            out = train_step(net, opt, batch, cfg.train, active_stage(cfg.train, step, len(net.stages)))
             loss, terms = out.loss, out.terms
             images_seen += batch.shape[0]
             done = completed = step + 1

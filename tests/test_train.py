@@ -236,3 +236,31 @@ def test_dead_fraction_counts_units_at_the_eps_floor():
 def test_norm_control_is_refused_with_downpour():
     with pytest.raises(GrandmotherError, match="train.norm_control=none"):
         load_config("small", ["engine=downpour", "train.norm_control=decoder"])
+
+
+def test_greedy_schedule_trains_one_stage_at_a_time_bottom_up():
+    # 6 steps over 3 stages: steps 0-1 move stage 0 only, 2-3 stage 1 only, 4-5 stage 2 only.
+    from grandmother.model import build_network
+    from grandmother.optim import build_optimizer
+    from grandmother.train import active_stage, train_step
+    cfg = load_config("small", TINY + ["train.steps=6", "train.schedule=greedy"])
+    assert [active_stage(cfg.train, s, 3) for s in range(6)] == [0, 0, 1, 1, 2, 2]
+    net = build_network(cfg, torch.device("cpu"))
+    opt = build_optimizer(net.parameters(), cfg.train)
+    batch = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    net.project_norms(cfg.train.norm_control)  # as train() does at the start (the small preset projects)
+    snap = lambda: {k: v.clone() for k, v in net.state_dict().items() if k.startswith("stages.")}  # noqa: E731
+    before = snap()
+    for step in range(6):
+        train_step(net, opt, batch, cfg.train, active_stage(cfg.train, step, 3))
+        if step % 2 == 1:
+            after = snap()
+            # frozen stages are only re-projected to unit norm: rounding (1e-7), against steps of 1e-3
+            moved = {int(k.split(".")[1]) for k in before if (before[k] - after[k]).abs().max() > 1e-5}
+            assert moved == {step // 2}, (step, moved)
+            before = after
+
+
+def test_greedy_schedule_refuses_joint_stage_gradients():
+    with pytest.raises(GrandmotherError, match="train.schedule=greedy"):
+        load_config("small", TINY + ["train.schedule=greedy", "model.stage_gradients=joint"])

@@ -378,6 +378,25 @@ def test_sigterm_checkpoints_like_ctrl_c_and_sigkill_resumes_identically(world, 
     assert steps == list(range(1, 13))
 
 
+def test_model_parallel_sigterm_checkpoints_like_ctrl_c(world, tmp_path):
+    # the workers are processes of their own: the parent tells them, they stop at one step and checkpoint it
+    run = tmp_path / "mp"
+    job = start(*_train_argv(world, run, 100000, "--model-parallel", "2", "--device", "cpu"))
+    wait_for(lambda: _metrics_steps(run) >= 3, job, what="3 model-parallel steps")
+    pids = _descendants(job.pid)
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=90)
+    assert job.returncode == 143, err[-2000:]
+    assert "terminated" in err and "--resume" in out
+    meta = read_meta(latest_checkpoint(run))
+    assert meta["step"] >= 3 and meta["step"] == _metrics_steps(run), "the checkpoint is at the last completed step"
+    assert meta["model_parallel"] == "2x1"
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids - {job.pid}):
+        time.sleep(0.5)
+    assert not any(Path(f"/proc/{p}").exists() for p in pids - {job.pid}), "a worker outlived the run"
+
+
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(world, tmp_path):
     reference = tmp_path / "reference"
     train(load_config("small", TINY + ["train.steps=6", "train.checkpoint_every=2"]), world["images"], reference,

@@ -34,7 +34,7 @@ from ..errors import GrandmotherError
 from ..io import append_jsonl, atomic_write_json
 from ..model import build_network
 from ..optim import build_optimizer
-from ..runtime import resolve_device
+from ..runtime import resolve_device, sigterm_as_interrupt
 from .halo import HALO_BYTES
 from .launch import spawn
 from .mp_model import ModelParallelNetwork, clip_grad_norm_, gather_full, reduce_terms
@@ -84,7 +84,7 @@ def gather_checkpoint(net: ModelParallelNetwork, opt, full_shapes: dict, dst: in
 # ---------------------------------------------------------------- one worker
 
 def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str, data_path: str,
-            ckpt: str | None, progress: bool, fresh_optimizer: bool = False):
+            ckpt: str | None, progress: bool, fresh_optimizer: bool = False, stop=None):
     partition = Partition.parse(partition_text)
     out_dir = Path(out_dir)
     device = resolve_device(cfg.train.device)
@@ -125,7 +125,14 @@ def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str
                    dynamic_ncols=True)
     last_t, last_images, t0 = time.perf_counter(), images_seen, time.perf_counter()
     last_halo, last_step = 0, start_step
+    stopping = torch.zeros(1, dtype=torch.uint8, device=device)
+    completed = start_step
     for step in range(start_step, t.steps):
+        if stop is not None:  # Ctrl-C or SIGTERM (launch.spawn): worker 0 says for all whether to stop here
+            stopping.fill_(stop.value if rank == 0 else 0)
+            dist.broadcast(stopping, 0)
+            if stopping.item():
+                break
         if rank == 0:
             batch = dataset.get_batch(order.indices(step)).to(device)
         else:
@@ -139,7 +146,7 @@ def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str
         opt.step()
         net.project_norms(t.norm_control)
         images_seen += t.batch_size
-        done = step + 1
+        done = completed = step + 1
         if done % t.log_every == 0 or done == t.steps:
             terms = reduce_terms(out.terms, net.group)
             halo = torch.tensor([float(sum(HALO_BYTES.values()))], dtype=torch.float64, device=device)
@@ -166,6 +173,12 @@ def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str
             checkpoint(done)
     if bar is not None:
         bar.close()
+    if completed < t.steps:  # stopped: keep the work done so far, as train() does on an interrupt
+        if completed > start_step:
+            checkpoint(completed)
+            if rank == 0:
+                print(f"\ninterrupted: checkpoint written at step {completed}; continue with --resume")
+        return
     if t.steps > start_step or ckpt is None:
         checkpoint(t.steps)
 
@@ -175,7 +188,14 @@ def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str
 def train_model_parallel(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, progress: bool = True,
                          dataset=None, force_resume: bool = False) -> dict:
     """`train.train` with the replica spread over `cfg.train.partition` workers; same run directory, opened
-    by the same checks (checkpoint.open_run / continue_run)."""
+    by the same checks (checkpoint.open_run / continue_run).
+
+    SIGTERM and Ctrl-C both end it with a checkpoint at the last completed step (then re-raise)."""
+    with sigterm_as_interrupt():
+        return _train_model_parallel(cfg, data_path, out_dir, resume, progress, dataset, force_resume)
+
+
+def _train_model_parallel(cfg, data_path, out_dir, resume, progress, dataset, force_resume) -> dict:
     partition = Partition.parse(cfg.train.partition)
     plan_stages(cfg.model, partition)  # a partition the network cannot take fails here, before any work
     out_dir = Path(out_dir)
@@ -202,7 +222,8 @@ def train_model_parallel(cfg: Config, data_path: Path, out_dir: Path, resume: bo
     save_config(cfg, out_dir / "config.yaml")
     backend = "nccl" if device.type == "cuda" else "gloo"
     spawn(_worker, partition.size, (cfg, str(partition), dataset, str(out_dir), str(data_path),
-                                    str(ckpt) if ckpt else None, progress, fresh_optimizer), backend=backend)
+                                    str(ckpt) if ckpt else None, progress, fresh_optimizer), backend=backend,
+          stoppable=True)
     last = latest_checkpoint(out_dir)
     meta = read_meta(last)
     final = None

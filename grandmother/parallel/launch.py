@@ -6,6 +6,7 @@ loopback interface (GLOO_SOCKET_IFNAME=lo) unless the caller chose one.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from datetime import timedelta
 
@@ -35,21 +36,45 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
-def _entry(rank, fn, world, port, backend, threads, args):
+def _entry(rank, fn, world, port, backend, threads, args, stop):
     torch.set_num_threads(threads)
+    kw = {}
+    if stop is not None:  # Ctrl-C (sent to every process of the terminal's job; also what a worker gets when
+        # the parent dies) and SIGTERM only ask for a stop: fn ends at a step boundary, as all workers agree
+        def ask(signum, frame):
+            stop.value = 1
+        signal.signal(signal.SIGINT, ask)
+        signal.signal(signal.SIGTERM, ask)
+        kw["stop"] = stop
     init_group(rank, world, port, backend)
     try:
-        fn(rank, world, *args)
+        fn(rank, world, *args, **kw)
     finally:
         leave_group()
 
 
-def spawn(fn, world: int, args: tuple = (), backend: str | None = "gloo", threads: int | None = None) -> None:
+def spawn(fn, world: int, args: tuple = (), backend: str | None = "gloo", threads: int | None = None,
+          stoppable: bool = False) -> None:
     """Run fn(rank, world, *args) in `world` new processes joined into one process group; wait for all.
 
     `fn` must be importable by name (a module-level function). If one worker fails, the others are
     stopped and the failure is raised here (torch.multiprocessing.ProcessRaisedException).
+    `stoppable`: fn also takes stop=, a shared flag (stop.value) that Ctrl-C or SIGTERM (see
+    runtime.sigterm_as_interrupt) sets, here or in a worker; fn is to end soon after, cleanly. An
+    interrupt here is raised again once every worker has ended.
     """
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // world)
-    mp.spawn(_entry, args=(fn, world, free_port(), backend, threads, args), nprocs=world, join=True)
+    stop = mp.get_context("spawn").Value("b", 0, lock=False) if stoppable else None
+    workers = mp.spawn(_entry, args=(fn, world, free_port(), backend, threads, args, stop), nprocs=world,
+                       join=False)
+    try:
+        while not workers.join():
+            pass
+    except KeyboardInterrupt:
+        if stop is None:
+            raise
+        stop.value = 1
+        while not workers.join():
+            pass
+        raise

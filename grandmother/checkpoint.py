@@ -32,6 +32,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,8 +40,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import Config, read_config
+from .dataset import open_training_data
 from .errors import GrandmotherError
-from .io import atomic_write_text, make_dir, truncate_jsonl, writing
+from .io import atomic_write_json, atomic_write_text, make_dir, truncate_jsonl, writing
 
 CKPT_DIR = "checkpoints"
 
@@ -421,13 +423,13 @@ def open_run(out_dir: Path, cfg: Config, resume: bool, engine: str, data_path=No
              force_resume: bool = False, check=None) -> tuple[Path | None, dict | None, bool]:
     """(checkpoint, its meta, fresh_optimizer) a training run continues from, or (None, None, False) for a new run.
 
-    Both engines call this before any slow work and before anything is written; it refuses in one line an
-    existing run without --resume, a checkpoint of another model, one written by another engine, and a
-    resume whose settings or data differ from the run's (unless `force_resume`; then fresh_optimizer says
-    whether train.optimizer changed, so the checkpoint's optimizer state does not apply). A damaged
-    checkpoints/latest falls back to the newest complete step_* (latest_checkpoint warns); none complete
-    is refused, never silently restarted from step 0. `check(meta, cfg, ckpt)`: an engine's own check of
-    the checkpoint (Downpour's shard layout), run before the settings are compared.
+    Every engine calls this (by start_run) before any slow work and before anything is written; it refuses
+    in one line an existing run without --resume, a checkpoint of another model, one written by another
+    engine, and a resume whose settings or data differ from the run's (unless `force_resume`; then
+    fresh_optimizer says whether train.optimizer changed, so the checkpoint's optimizer state does not
+    apply). A damaged checkpoints/latest falls back to the newest complete step_* (latest_checkpoint
+    warns); none complete is refused, never silently restarted from step 0. `check(meta, cfg, ckpt)`: an
+    engine's own check of the checkpoint (Downpour's shard layout), run before the settings are compared.
     """
     out_dir = Path(out_dir)
     ckpt = latest_checkpoint(out_dir, quiet=not resume)
@@ -447,11 +449,36 @@ def open_run(out_dir: Path, cfg: Config, resume: bool, engine: str, data_path=No
     return ckpt, meta, any(c.startswith("train.optimizer ") for c in changes)
 
 
-def continue_run(out_dir: Path, meta: dict | None, resume: bool) -> None:
+class RunStart(NamedTuple):
+    """What a training engine starts from (start_run): the checkpoint it continues and its meta (None, None
+    for a new run), whether the optimizer starts afresh, the training data, the images skipped as unreadable."""
+    ckpt: Path | None
+    meta: dict | None
+    fresh_optimizer: bool
+    dataset: object
+    skipped: list
+
+
+def start_run(out_dir: Path, cfg: Config, resume: bool, engine: str, data_path=None, dataset=None,
+              progress: bool = True, force_resume: bool = False, check=None) -> RunStart:
+    """Every engine's start: open_run's checks, then the training data (`dataset`, or the images at
+    `data_path`), refused in one line when empty. Nothing is written; continue_run does that."""
+    ckpt, meta, fresh_optimizer = open_run(out_dir, cfg, resume, engine, data_path, force_resume, check)
+    skipped = []
+    if dataset is None:
+        dataset, skipped_obj = open_training_data(Path(data_path), cfg.model.image_size, cfg.model.channels,
+                                                  progress=progress)
+        skipped = skipped_obj.items
+    if len(dataset) == 0:
+        raise GrandmotherError(f"no training images in {data_path}")
+    return RunStart(ckpt, meta, fresh_optimizer, dataset, skipped)
+
+
+def continue_run(out_dir: Path, run: RunStart, resume: bool) -> None:
     """Make the run folder, remove .tmp-step_* folders a killed process left, drop the metrics lines an
     interrupted session logged past its checkpoint (all of them if it never wrote one: they are logged
-    again), and say where the run starts."""
-    out_dir = Path(out_dir)
+    again), say where the run starts, and list the skipped images in skipped.json."""
+    out_dir, meta = Path(out_dir), run.meta
     make_dir(out_dir)
     remove_stale_temp(out_dir)
     truncate_jsonl(out_dir / "metrics.jsonl", 0 if meta is None else meta["step"])
@@ -459,6 +486,9 @@ def continue_run(out_dir: Path, meta: dict | None, resume: bool) -> None:
         print(f"resuming {out_dir} from step {meta['step']} ({meta['images_seen']} images seen)")
     elif resume:
         print(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
+    if run.skipped:
+        atomic_write_json(out_dir / "skipped.json", {"skipped": run.skipped})
+        print(f"skipped {len(run.skipped)} unreadable image(s); list in {out_dir / 'skipped.json'}")
 
 
 def read_run(run_dir: Path, step: int | None = None) -> tuple[Config, Path]:

@@ -40,13 +40,12 @@ import numpy as np
 import ray
 import torch
 
-from .checkpoint import continue_run, load_checkpoint, model_signature, open_run, read_meta, rng_state, save_checkpoint
+from .checkpoint import continue_run, load_checkpoint, model_signature, read_meta, rng_state, save_checkpoint, start_run
 from .config import Config, save_config
-from .dataset import open_training_data
 from .downpour_ps import FlatLayout, ParamShard, shard_bounds
 from .downpour_replica import Replica
 from .errors import GrandmotherError
-from .io import append_jsonl, atomic_write_json
+from .io import append_jsonl
 from .model import build_network
 from .runtime import seed_everything, sigterm_as_interrupt
 
@@ -301,9 +300,6 @@ def _train_downpour(cfg, data_path, out_dir, resume, progress, dataset, faults, 
     if cfg.train.partition:
         from .parallel.downpour_mp import check_partitioned_downpour
         check_partitioned_downpour(cfg)
-    # refuses a foreign run, a damaged one and changed settings before any slow work or any write
-    ckpt, meta, fresh_optimizer = open_run(out_dir, cfg, resume, engine="downpour", data_path=data_path,
-                                           force_resume=force_resume, check=check_resume_layout)
     if ray.is_initialized():  # a caller's Ray (tests, notebooks): check against what it has
         res = ray.cluster_resources()
         check_resources(cfg, res.get("CPU", 0), res.get("GPU", 0), "the running Ray instance")
@@ -311,13 +307,10 @@ def _train_downpour(cfg, data_path, out_dir, resume, progress, dataset, faults, 
         check_address_reachable(d.ray_address)
     else:
         check_resources(cfg, os.cpu_count() or 1, torch.cuda.device_count(), "this machine")
-
-    # ============ data (as train() reads it) ============
-    skipped = []
-    if dataset is None:
-        dataset, skipped_obj = open_training_data(Path(data_path), cfg.model.image_size, cfg.model.channels,
-                                                  progress=progress)
-        skipped = skipped_obj.items
+    # refuses a foreign run, a damaged one, changed settings and no data before any write; data as train() reads it
+    run = start_run(out_dir, cfg, resume, "downpour", data_path, dataset, progress, force_resume,
+                    check=check_resume_layout)
+    ckpt, fresh_optimizer, dataset, skipped = run.ckpt, run.fresh_optimizer, run.dataset, run.skipped
     if len(dataset) < d.replicas:
         raise GrandmotherError(f"{len(dataset)} training image(s) in {data_path} cannot be split into "
                                f"--replicas {d.replicas} portions")
@@ -348,11 +341,8 @@ def _train_downpour(cfg, data_path, out_dir, resume, progress, dataset, faults, 
     try:
         res = ray.cluster_resources()
         check_resources(cfg, res.get("CPU", 0), res.get("GPU", 0), "the Ray cluster")
-        continue_run(out_dir, meta, resume)  # makes the folder, removes stale .tmp-step_*, trims metrics.jsonl
+        continue_run(out_dir, run, resume)  # makes the folder, removes stale .tmp-step_*, trims metrics.jsonl
         save_config(cfg, out_dir / "config.yaml")
-        if skipped:
-            atomic_write_json(out_dir / "skipped.json", {"skipped": skipped})
-            print(f"skipped {len(skipped)} unreadable image(s); list in {out_dir / 'skipped.json'}")
         with sigterm_as_interrupt():  # again: ray.init installed its own SIGTERM handler, which aborts
             job_cls = DownpourJob
             if cfg.train.partition:  # each replica a group of processes, one per block of the partition

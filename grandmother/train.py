@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (continue_run, load_checkpoint, model_signature, open_run, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (continue_run, load_checkpoint, model_signature, rng_state, save_checkpoint, set_rng_state,
+                         start_run)
 from .config import Config, save_config
-from .dataset import BatchOrder, load_batches, open_training_data
+from .dataset import BatchOrder, load_batches
 from .errors import GrandmotherError
-from .io import append_jsonl, atomic_write_json
+from .io import append_jsonl
 from .model import Network, build_network
 from .optim import build_optimizer, load_optimizer_state
 from .runtime import resolve_device, seed_everything, sigterm_as_interrupt
@@ -75,23 +75,11 @@ def _train(cfg, data_path, out_dir, resume, progress, dataset, force_resume) -> 
     # ============ setup ============
     out_dir = Path(out_dir)
     device = resolve_device(cfg.train.device)
-    # refuses a foreign run, a damaged one and changed settings before any slow work or any write
-    ckpt, meta, fresh_optimizer = open_run(out_dir, cfg, resume, engine="local", data_path=data_path,
-                                           force_resume=force_resume)
-    continue_run(out_dir, meta, resume)
+    # refuses a foreign run, a damaged one, changed settings and no data before any write
+    run = start_run(out_dir, cfg, resume, "local", data_path, dataset, progress, force_resume)
+    continue_run(out_dir, run, resume)
+    ckpt, fresh_optimizer, dataset, skipped = run.ckpt, run.fresh_optimizer, run.dataset, run.skipped
     seed_everything(cfg.train.seed)
-
-    # ============ data ============
-    c, size = cfg.model.channels, cfg.model.image_size
-    skipped = []
-    if dataset is None:
-        dataset, skipped_obj = open_training_data(Path(data_path), size, c, progress=progress)
-        skipped = skipped_obj.items
-    if len(dataset) == 0:
-        raise GrandmotherError(f"no training images in {data_path}")
-    if skipped:
-        atomic_write_json(out_dir / "skipped.json", {"skipped": skipped})
-        print(f"skipped {len(skipped)} unreadable image(s); list in {out_dir / 'skipped.json'}")
     order = BatchOrder(len(dataset), cfg.train.batch_size, cfg.train.seed)
 
     # ============ model and optimizer ============

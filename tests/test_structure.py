@@ -1,7 +1,10 @@
-"""The shape of the code: no import cycles inside grandmother/, argparse only in grandmother/commands/."""
+"""The shape of the code: no import cycles inside grandmother/, argparse only in grandmother/commands/, no
+block of six or more lines repeated inside grandmother/ (issue 13)."""
 from __future__ import annotations
 
 import ast
+import re
+from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "grandmother"
@@ -101,3 +104,59 @@ def test_the_library_never_imports_the_command_layer():
     library = [n for n in edges if not n.startswith("grandmother.commands") and n != "grandmother.__main__"]
     bad = sorted(f"{n} -> {m}" for n in library for m in edges[n] if m.startswith("grandmother.commands"))
     assert not bad, bad
+
+
+# ---------------------------------------------------------------- no repeated blocks
+
+# Lines that say nothing alone: closing brackets, pass, bare docstring quotes, imports (and the continuation
+# lines of a parenthesised import), #include. A window of nothing else is no repeated block.
+TRIVIAL = re.compile(r"""[)\]}{]+[,;:]?|pass|\"\"\"|'''|#include\b.*|(from\s+\S+\s+)?import\s.*""")
+
+
+def code_lines(path: Path) -> list[tuple[int, str, bool]]:
+    """(line number, text with white space folded, trivial) of every non-blank line of a file."""
+    out, in_import = [], False
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        text = " ".join(raw.split())
+        if not text:
+            continue
+        out.append((number, text, in_import or TRIVIAL.fullmatch(text) is not None))
+        if re.match(r"from\s+\S+\s+import\s*\(", text) and ")" not in text:
+            in_import = True
+        elif in_import and ")" in text:
+            in_import = False
+    return out
+
+
+def repeated_blocks(files, window: int = 6) -> dict[str, list[str]]:
+    """Every run of `window` consecutive non-blank lines (white space folded) that stands in two or more
+    places, with its places (path:first-last); runs of trivial lines only are left out."""
+    places = defaultdict(list)
+    for path in files:
+        lines = code_lines(path)
+        for i in range(len(lines) - window + 1):
+            run = lines[i:i + window]
+            if not all(trivial for _, _, trivial in run):
+                places["\n".join(text for _, text, _ in run)].append(f"{path}:{run[0][0]}-{run[-1][0]}")
+    return {text: where for text, where in places.items() if len(where) > 1}
+
+
+def test_the_repeat_finder_finds_a_repeat(tmp_path):
+    block = "def f(x):\n    y = x + 1\n    if y > 2:\n        y -= 1\n    z = [y,\n         x]\n    return z\n"
+    (tmp_path / "a.py").write_text("import os\n\n" + block)
+    (tmp_path / "b.cpp").write_text("int g;\n" + block.replace("    ", "  "))  # indented otherwise: the same
+    found = repeated_blocks([tmp_path / "a.py", tmp_path / "b.cpp"])
+    assert len(found) == 2 and all(len(where) == 2 for where in found.values()), found
+    (tmp_path / "b.cpp").write_text(block.replace("y -= 1", "y -= 2"))  # one line differs: no run of 6 the same
+    assert not repeated_blocks([tmp_path / "a.py", tmp_path / "b.cpp"])
+    trivial = "from x import (a,\n    b)\nimport y\n)\n]\n}\npass\n\"\"\"\n"
+    (tmp_path / "c.py").write_text(trivial + "x = 1\n" + trivial)
+    assert not repeated_blocks([tmp_path / "c.py"])
+
+
+def test_no_block_of_six_lines_is_repeated_in_grandmother():
+    files = sorted(PACKAGE.rglob("*.py")) + sorted(PACKAGE.rglob("*.cpp"))
+    assert len(files) > 40 and any(p.suffix == ".cpp" for p in files)
+    found = repeated_blocks(files)
+    assert not found, "repeated blocks (make one piece of code serve both):\n" + "\n".join(
+        " ~ ".join(where) + "\n    " + text.replace("\n", "\n    ") for text, where in found.items())

@@ -124,6 +124,36 @@ std::vector<int> split(int n, int cap) {
     return sizes;
 }
 
+// tilings(n)[mr]: the tiles of n vectors for a block of mr rows (1..4).
+std::vector<std::vector<int>> tilings(int n) {
+    std::vector<std::vector<int>> tiles(5);
+    for (int r = 1; r <= 4; ++r) tiles[r] = split(n, max_nv(r));
+    return tiles;
+}
+
+// One run's register tiles: its rows in blocks of up to 4 (row_off(row): the row's offset in run.a), each
+// block's vectors in the tiles of tiles[rows in the block] (vec_off(vector): its offset in run.x), the
+// results of a tile written at out_at(first row, first vector).
+template <class T, class RowOff, class VecOff, class OutAt>
+inline void sweep(Run<T>& run, idx rows, const std::vector<std::vector<int>>& tiles, RowOff row_off,
+                  VecOff vec_off, OutAt out_at) {
+    for (idx r0 = 0; r0 < rows; r0 += 4) {
+        const int mr = int(std::min<idx>(4, rows - r0));
+        idx aoff[4];
+        for (int r = 0; r < mr; ++r) aoff[r] = row_off(r0 + r);
+        run.aoff = aoff;
+        int v0 = 0;
+        for (int nv : tiles[mr]) {
+            idx voff[12];
+            for (int v = 0; v < nv; ++v) voff[v] = vec_off(v0 + v);
+            run.voff = voff;
+            run.out = out_at(r0, v0);
+            pick<T>(mr, nv)(run);
+            v0 += nv;
+        }
+    }
+}
+
 struct Shape {
     idx Bp, B, C, H, W, M, k, s, Ho, Wo;
 };
@@ -258,8 +288,7 @@ template <class T> void forward(const T* x, const T* w, T* y, const Shape& sh, i
     Buffer<T> wt(2, std::size_t(nloc) * k * kC * M);
     to_batch_last(x, xb.p, B, Bp, C, H * W, threads);
     weights_by_field(w, wt.p, sh, 0, threads);
-    std::vector<std::vector<int>> btiles(5);
-    for (int r = 1; r <= 4; ++r) btiles[r] = split(nvec, max_nv(r));
+    const std::vector<std::vector<int>> btiles = tilings(nvec);
     std::vector<idx> xseg(k), aseg(k);
     for (idx p = 0; p < k; ++p) xseg[p] = p * W * C * Bp, aseg[p] = p * kC * M;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -268,21 +297,8 @@ template <class T> void forward(const T* x, const T* w, T* y, const Shape& sh, i
         // rows: maps m; steps: field row p, then its k*C entries (q, c), each a row of the batch-last input
         Run<T> run{xb.p + ((i * s) * W + j * s) * C * Bp, xseg.data(), Bp, nullptr,
                    wt.p + loc * k * kC * M, aseg.data(), M, nullptr, int(k), int(kC), nullptr, Bp};
-        for (idx m0 = 0; m0 < M; m0 += 4) {
-            const int mr = int(std::min<idx>(4, M - m0));
-            idx aoff[4];
-            for (int r = 0; r < mr; ++r) aoff[r] = m0 + r;
-            run.aoff = aoff;
-            int v0 = 0;
-            for (int nv : btiles[mr]) {
-                idx voff[12];
-                for (int v = 0; v < nv; ++v) voff[v] = idx(v0 + v) * L;
-                run.voff = voff;
-                run.out = yb.p + (loc * M + m0) * Bp + v0 * L;
-                pick<T>(mr, nv)(run);
-                v0 += nv;
-            }
-        }
+        sweep(run, M, btiles, [](idx m) { return m; }, [](int v) { return idx(v) * L; },
+              [&](idx m0, int v0) { return yb.p + (loc * M + m0) * Bp + v0 * L; });
     }
     from_batch_last(yb.p, y, B, Bp, M, nloc, threads);
 }
@@ -300,8 +316,7 @@ template <class T> void backward_input(const T* gy, const T* w, T* gx, const Sha
     Buffer<T> wt(2, std::size_t(nloc) * k * kq * C * M);
     to_batch_last(gy, yb.p, B, Bp, M, nloc, threads);
     weights_by_field(w, wt.p, sh, pad, threads);
-    std::vector<std::vector<int>> btiles(5);
-    for (int r = 1; r <= 4; ++r) btiles[r] = split(nvec, max_nv(r));
+    const std::vector<std::vector<int>> btiles = tilings(nvec);
     const idx nblk = (W + PX - 1) / PX;
 #pragma omp parallel num_threads(threads)
     {
@@ -328,21 +343,8 @@ template <class T> void backward_input(const T* gy, const T* w, T* gx, const Sha
             }
             // rows: (pixel d, channel c); steps: covering location, then its maps m
             Run<T> run{yb.p, xseg.data(), Bp, nullptr, wt.p, aseg.data(), 1, nullptr, n, int(M), nullptr, Bp};
-            for (idx r0 = 0; r0 < nrow; r0 += 4) {
-                const int rr = int(std::min<idx>(4, nrow - r0));
-                idx aoff[4];
-                for (int r = 0; r < rr; ++r) aoff[r] = ((r0 + r) / C) * C * M + ((r0 + r) % C) * M;
-                run.aoff = aoff;
-                int v0 = 0;
-                for (int nv : btiles[rr]) {
-                    idx voff[12];
-                    for (int v = 0; v < nv; ++v) voff[v] = idx(v0 + v) * L;
-                    run.voff = voff;
-                    run.out = dst + r0 * Bp + v0 * L;
-                    pick<T>(rr, nv)(run);
-                    v0 += nv;
-                }
-            }
+            sweep(run, nrow, btiles, [&](idx r) { return (r / C) * C * M + (r % C) * M; },
+                  [](int v) { return idx(v) * L; }, [&](idx r0, int v0) { return dst + r0 * Bp + v0 * L; });
         }
     }
     from_batch_last(xb.p, gx, B, Bp, C, H * W, threads);
@@ -359,8 +361,7 @@ template <class T> void backward_weight(const T* x, const T* gy, T* gw, const Sh
     std::memset(xr.p + H * B * W * C, 0, sizeof(T) * L);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (idx b = 0; b < B; ++b) transpose2d(gy + b * M * nloc, nloc, gt.p + b * M, B * M, M, nloc);  // (loc, B, M)
-    std::vector<std::vector<int>> ctiles(5);
-    for (int r = 1; r <= 4; ++r) ctiles[r] = split(ncol, max_nv(r));
+    const std::vector<std::vector<int>> ctiles = tilings(ncol);
 #pragma omp parallel num_threads(threads)
     {
         std::vector<T> tmp(std::size_t(M) * ncol * L);  // (m, p, q*C + c) of one location
@@ -371,21 +372,9 @@ template <class T> void backward_weight(const T* x, const T* gy, T* gw, const Sh
             // rows: maps m; vectors: field row p's k*C entries (channels-last input); steps: the batch
             Run<T> run{xr.p + ((i * s) * B * W + j * s) * C, &zero, W * C, nullptr,
                        gt.p + loc * B * M, &zero, M, nullptr, 1, int(B), nullptr, ncol * L};
-            for (idx m0 = 0; m0 < M; m0 += 4) {
-                const int mr = int(std::min<idx>(4, M - m0));
-                idx aoff[4];
-                for (int r = 0; r < mr; ++r) aoff[r] = m0 + r;
-                run.aoff = aoff;
-                int c0 = 0;
-                for (int nv : ctiles[mr]) {
-                    idx voff[12];
-                    for (int v = 0; v < nv; ++v) voff[v] = idx((c0 + v) / rvec) * B * W * C + idx((c0 + v) % rvec) * L;
-                    run.voff = voff;
-                    run.out = tmp.data() + m0 * ncol * L + c0 * L;
-                    pick<T>(mr, nv)(run);
-                    c0 += nv;
-                }
-            }
+            sweep(run, M, ctiles, [](idx m) { return m; },
+                  [&](int c) { return idx(c / rvec) * B * W * C + idx(c % rvec) * L; },
+                  [&](idx m0, int c0) { return tmp.data() + m0 * ncol * L + c0 * L; });
             T* gl = gw + loc * M * C * kk;
             for (idx m = 0; m < M; ++m)
                 for (idx p = 0; p < k; ++p)  // entries q*C + c -> (c, q) of row p

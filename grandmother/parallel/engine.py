@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import (continue_run, latest_checkpoint, load_checkpoint, model_signature, open_run, read_meta,
-                          rng_state, save_checkpoint)
+from ..checkpoint import (continue_run, latest_checkpoint, load_checkpoint, model_signature, read_meta, rng_state,
+                          save_checkpoint, start_run)
 from ..config import Config, save_config
-from ..dataset import BatchOrder, open_training_data
+from ..dataset import BatchOrder
 from ..errors import GrandmotherError
-from ..io import append_jsonl, atomic_write_json
+from ..io import append_jsonl
 from ..model import build_network
 from ..optim import build_optimizer
 from ..runtime import resolve_device, sigterm_as_interrupt
@@ -188,7 +187,7 @@ def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str
 def train_model_parallel(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, progress: bool = True,
                          dataset=None, force_resume: bool = False) -> dict:
     """`train.train` with the replica spread over `cfg.train.partition` workers; same run directory, opened
-    by the same checks (checkpoint.open_run / continue_run).
+    by the same checks (checkpoint.start_run / continue_run).
 
     SIGTERM and Ctrl-C both end it with a checkpoint at the last completed step (then re-raise)."""
     with sigterm_as_interrupt():
@@ -203,26 +202,16 @@ def _train_model_parallel(cfg, data_path, out_dir, resume, progress, dataset, fo
     if device.type == "cuda" and torch.cuda.device_count() < partition.size:
         raise GrandmotherError(f"--partition {partition}: {partition.size} workers need as many GPUs, this machine "
                                f"has {torch.cuda.device_count()}; use --device cpu or fewer workers")
-    # refuses a foreign run, a damaged one and changed settings before any slow work or any write
-    ckpt, meta, fresh_optimizer = open_run(out_dir, cfg, resume, engine="local", data_path=data_path,
-                                           force_resume=force_resume)
-    skipped = []
-    if dataset is None:
-        dataset, skipped_obj = open_training_data(Path(data_path), cfg.model.image_size, cfg.model.channels,
-                                                  progress=progress)
-        skipped = skipped_obj.items
-    if len(dataset) == 0:
-        raise GrandmotherError(f"no training images in {data_path}")
-    continue_run(out_dir, meta, resume)  # makes the folder, removes stale .tmp-step_*, trims metrics.jsonl
-    if skipped:
-        atomic_write_json(out_dir / "skipped.json", {"skipped": skipped})
-        print(f"skipped {len(skipped)} unreadable image(s); list in {out_dir / 'skipped.json'}")
+    # refuses a foreign run, a damaged one, changed settings and no data before any write
+    run = start_run(out_dir, cfg, resume, "local", data_path, dataset, progress, force_resume)
+    continue_run(out_dir, run, resume)  # makes the folder, removes stale .tmp-step_*, trims metrics.jsonl
+    ckpt, dataset = run.ckpt, run.dataset
     if ckpt is not None:
         print(f"resuming with {partition.size} workers ({partition})")
     save_config(cfg, out_dir / "config.yaml")
     backend = "nccl" if device.type == "cuda" else "gloo"
     spawn(_worker, partition.size, (cfg, str(partition), dataset, str(out_dir), str(data_path),
-                                    str(ckpt) if ckpt else None, progress, fresh_optimizer), backend=backend,
+                                    str(ckpt) if ckpt else None, progress, run.fresh_optimizer), backend=backend,
           stoppable=True)
     last = latest_checkpoint(out_dir)
     meta = read_meta(last)
@@ -233,4 +222,4 @@ def _train_model_parallel(cfg, data_path, out_dir, resume, progress, dataset, fo
         lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
         final = json.loads(lines[-1]) if lines else None
     return {"steps": cfg.train.steps, "images_seen": meta["images_seen"], "final": final, "run_dir": str(out_dir),
-            "skipped": len(skipped), "model_parallel": str(partition)}
+            "skipped": len(run.skipped), "model_parallel": str(partition)}

@@ -80,35 +80,32 @@ def _move(src: torch.Tensor, src_rect, dst_rect, ex: Exchange, direction: str, a
     return out
 
 
-class _Gather(torch.autograd.Function):
+def _exchange(x, ex: Exchange, gathering: bool, phase: str, group):
+    """gather (my block -> my block plus its halo) or its adjoint, scatter_add (partial sums over what I
+    need -> my block, every worker's part added)."""
+    if gathering:
+        return _move(x, ex.own, ex.need, ex, "gather", False, phase, group)
+    return _move(x, ex.need, ex.own, ex, "scatter", True, phase, group)
+
+
+class _Exchange(torch.autograd.Function):
+    """gather or scatter_add forward; the gradient goes back through the other (each is the other's adjoint)."""
+
     @staticmethod
-    def forward(ctx, x, ex, group):
-        ctx.ex, ctx.group = ex, group
-        return _move(x, ex.own, ex.need, ex, "gather", False, "forward", group)
+    def forward(ctx, x, ex, gathering, group):
+        ctx.ex, ctx.gathering, ctx.group = ex, gathering, group
+        return _exchange(x, ex, gathering, "forward", group)
 
     @staticmethod
     def backward(ctx, g):
-        ex = ctx.ex
-        return _move(g.contiguous(), ex.need, ex.own, ex, "scatter", True, "backward", ctx.group), None, None
-
-
-class _ScatterAdd(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, ex, group):
-        ctx.ex, ctx.group = ex, group
-        return _move(x, ex.need, ex.own, ex, "scatter", True, "forward", group)
-
-    @staticmethod
-    def backward(ctx, g):
-        ex = ctx.ex
-        return _move(g.contiguous(), ex.own, ex.need, ex, "gather", False, "backward", ctx.group), None, None
+        return _exchange(g.contiguous(), ctx.ex, not ctx.gathering, "backward", ctx.group), None, None, None
 
 
 def gather(x_own: torch.Tensor, ex: Exchange, group=None) -> torch.Tensor:
     """(..., own.h, own.w) -> (..., need.h, need.w): my block plus the halo received from its owners."""
-    return _Gather.apply(x_own, ex, group)
+    return _Exchange.apply(x_own, ex, True, group)
 
 
 def scatter_add(x_need: torch.Tensor, ex: Exchange, group=None) -> torch.Tensor:
     """(..., need.h, need.w) partial sums -> (..., own.h, own.w): every worker's part of my block, added."""
-    return _ScatterAdd.apply(x_need, ex, group)
+    return _Exchange.apply(x_need, ex, False, group)

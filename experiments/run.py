@@ -124,6 +124,8 @@ def main(argv=None):
     run_dir = RUNS / (args.name + ("_smoke" if args.images else ""))
     train_path = DATA / recipe.get("data", "train")
     timing_file = run_dir / "timing.json"
+    if args.step and not timing_file.is_file():
+        sys.exit(f"run.py: --step: {run_dir} has not finished training (no timing.json); nothing retrained")
     if args.retrain or latest_checkpoint(run_dir) is None or not timing_file.is_file():
         if run_dir.exists():
             import shutil

@@ -39,7 +39,7 @@ def row(res: dict, concept: str = "faces") -> str:
     rnd_top = max((sd["stages"][-1] for sd in seeds), key=lambda b: b["evaluation_accuracy"])
     cue_name, cue = max(f["trivial"].items(), key=lambda kv: kv[1]["evaluation_accuracy"])
     lin = f["linear_filter_10000"]
-    direction = "" if top["direction"] == "positive" else " (less = face)"
+    direction = "" if top["direction"] == "positive" else " (inverted)"
     return (f"| `{res['name']}` | {res['what']} | {res['images_seen']:,} | {res['train_wall_s'] / 60:.1f} | "
             f"{aucs} | {raucs} | {ci(tr['best'])} (s{tr['best']['stage']}) | {ci(top)}{direction} | "
             f"{ci(rnd_best)} / {ci(rnd_top)} | {ci(cue)} {cue_name.replace('_', ' ')} | {ci(lin)} |")

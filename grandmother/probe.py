@@ -180,6 +180,9 @@ def run_probe(run_dir, testset_dir, out_dir, *, ablation=None, autoencoders=(), 
         dataset, labels, _ = _open_testset(testset_dir)
     labels = check_labels(labels, f"test set {testset_dir}")
     check_fits(net, dataset, testset_dir)
+    # K-means first: its data is checked (>= 40x40 images) before the long work below
+    cents = (torch.from_numpy(fit_kmeans_centroids(kmeans_train, net.input_shape[0], int(kmeans_centroids)))
+             if kmeans_train else None)
     cache = make_dir(out_dir / "cache")
     base = dict(testset=str(Path(testset_dir).resolve()), n=len(labels), n_pos=int(labels.sum()), batch=batch_size)
     show = (lambda s: s) if progress else (lambda s: None)
@@ -220,8 +223,6 @@ def run_probe(run_dir, testset_dir, out_dir, *, ablation=None, autoencoders=(), 
                                  show("autoencoder"))
         baselines[f"deep_autoencoder_{len(ae_cfg.model.stages)}"] = s["best"]["accuracy"]
     if kmeans_train:
-        c = net.input_shape[0]
-        cents = torch.from_numpy(fit_kmeans_centroids(kmeans_train, c, int(kmeans_centroids)))
         feats = lambda idx: torch.from_numpy(_unit_vectors(_downsample(dataset.get_batch(idx), KMEANS_SIZE)))
         baselines["kmeans"] = probe_templates(
             cents, feats, labels, cache, "kmeans",

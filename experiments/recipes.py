@@ -62,6 +62,8 @@ RECIPES = {
                              "sets": ADAM_DEC + LONG, "images": 1_500_000, "data": "train_nofaces"},
     "decnorm_bigtop_500k": {"what": "Adam 1e-3, decoder unit norm, top stage 12x12 fields, 16 maps, 500,000 images",
                             "sets": ADAM_DEC + BIG_TOP + LONG, "images": 500_000},
+    "decnorm_top32_500k": {"what": "Adam 1e-3, decoder unit norm, top stage 32 maps per location, 500,000 images",
+                           "sets": ADAM_DEC + ["model.stages.2.maps=32"] + LONG, "images": 500_000},
     "decnorm_inputlcn": {"what": "Adam 1e-3, decoder unit norm, input whitened locally (LCN on pixels)",
                          "sets": ADAM_DEC + ["model.input_norm=lcn"], "images": SCREEN},
     "decnorm_joint": {"what": "Adam 1e-3, decoder unit norm, joint gradients between stages",

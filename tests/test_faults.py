@@ -351,20 +351,27 @@ def stopped(job: subprocess.Popen) -> None:
     assert line.strip() == "STOPPED", job.stderr.read()[-2000:]
 
 
+def sigterm_stops_at_a_checkpoint(job: subprocess.Popen, run: Path, timeout: float) -> dict:
+    """SIGTERM a training job: exit status 128 + 15, "continue with --resume", and a checkpoint at the last
+    completed step. Returns that checkpoint's meta."""
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=timeout)
+    assert job.returncode == 143, err[-2000:]
+    assert "terminated" in err and "--resume" in out
+    meta = read_meta(latest_checkpoint(run))
+    assert meta["step"] == _metrics_steps(run), "the checkpoint is at the last completed step"
+    return meta
+
+
 def test_sigterm_checkpoints_like_ctrl_c_and_sigkill_resumes_identically(world, tmp_path):
     reference = tmp_path / "reference"
     train(load_config("small", TINY + ["train.steps=12", "train.checkpoint_every=2"]), world["images"], reference,
           progress=False)
-    # SIGTERM: a checkpoint at the last completed step, exit status 128 + 15, "continue with --resume"
     run = tmp_path / "run"
     job = start_patched(SLOW_STEPS, *_train_argv(world, run, 12))
     wait_for(lambda: _metrics_steps(run) >= 3, job, what="3 training steps")
-    job.send_signal(signal.SIGTERM)
-    out, err = job.communicate(timeout=60)
-    assert job.returncode == 143, err[-2000:]
-    assert "terminated" in err and "--resume" in out
-    at = read_meta(latest_checkpoint(run))["step"]
-    assert 3 <= at < 12 and at == _metrics_steps(run), "the checkpoint is at the last completed step"
+    at = sigterm_stops_at_a_checkpoint(job, run, timeout=60)["step"]
+    assert 3 <= at < 12
     # SIGKILL (no handler can run): the re-run resumes from the last checkpoint
     job = start_patched(SLOW_STEPS, *_train_argv(world, run, 12, "--resume"))
     wait_for(lambda: _metrics_steps(run) >= at + 3, job, what="3 more steps")
@@ -384,12 +391,8 @@ def test_model_parallel_sigterm_checkpoints_like_ctrl_c(world, tmp_path):
     job = start(*_train_argv(world, run, 100000, "--model-parallel", "2", "--device", "cpu"))
     wait_for(lambda: _metrics_steps(run) >= 3, job, what="3 model-parallel steps")
     pids = _descendants(job.pid)
-    job.send_signal(signal.SIGTERM)
-    out, err = job.communicate(timeout=90)
-    assert job.returncode == 143, err[-2000:]
-    assert "terminated" in err and "--resume" in out
-    meta = read_meta(latest_checkpoint(run))
-    assert meta["step"] >= 3 and meta["step"] == _metrics_steps(run), "the checkpoint is at the last completed step"
+    meta = sigterm_stops_at_a_checkpoint(job, run, timeout=90)
+    assert meta["step"] >= 3
     assert meta["model_parallel"] == "2x1"
     deadline = time.time() + 20
     while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids - {job.pid}):

@@ -87,6 +87,8 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     checkpoint_every: int = 200  # steps; a checkpoint is also written at the end
+    # How many of the newest checkpoints a run keeps; 0 keeps every one (a learning curve scores them all).
+    keep_checkpoints: int = 2
     log_every: int = 10  # steps between metrics.jsonl lines
     num_workers: int = 0  # background data-loading workers
     grad_clip: float = 0.0  # 0 = off
@@ -157,6 +159,7 @@ BOUNDS = [
     ("train.grad_clip", 0, True, "the gradient-norm clip (0 = off)"),
     ("train.checkpoint_every", 1, True, "steps between checkpoints"),
     ("train.log_every", 1, True, "steps between metrics.jsonl lines"),
+    ("train.keep_checkpoints", 0, True, "checkpoints kept (0 = all)"),
     ("train.num_workers", 0, True, "background data-loading workers"),
     ("downpour.replica_cpus", 0, True, "CPUs per replica"),
     ("downpour.replica_gpus", 0, True, "GPUs per replica"),

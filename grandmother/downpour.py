@@ -250,7 +250,7 @@ class DownpourJob:
         if self.cfg.train.partition:
             meta["model_parallel"] = self.cfg.train.partition
         save_checkpoint(self.out_dir, step, self.layout.unflatten(flat), {"ps_shards": states, "rng": rng_state()},
-                        meta)
+                        meta, keep=self.cfg.train.keep_checkpoints)
         return step
 
     def reached(self, states: list[dict], replica: int) -> int:

@@ -109,7 +109,8 @@ def _train(cfg, data_path, out_dir, resume, progress, dataset, force_resume) -> 
     def checkpoint(step):
         meta = {"images_seen": images_seen, "model_signature": model_signature(cfg), "engine": "local",
                 "data": None if data_path is None else str(Path(data_path).resolve()), "dataset_size": len(dataset)}
-        save_checkpoint(out_dir, step, net.state_dict(), {"optimizer": opt.state_dict(), "rng": rng_state()}, meta)
+        save_checkpoint(out_dir, step, net.state_dict(), {"optimizer": opt.state_dict(), "rng": rng_state()}, meta,
+                        keep=cfg.train.keep_checkpoints)
 
     # ============ training loop ============
     steps = cfg.train.steps

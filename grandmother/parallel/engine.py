@@ -112,7 +112,8 @@ def _worker(rank, world, cfg: Config, partition_text: str, dataset, out_dir: str
         if rank == 0:
             meta = {"images_seen": images_seen, "model_signature": model_signature(cfg), "engine": "local",
                     "model_parallel": str(partition), "data": data_path, "dataset_size": len(dataset)}
-            save_checkpoint(out_dir, step, tensors, {"optimizer": opt_state, "rng": rng_state()}, meta)
+            save_checkpoint(out_dir, step, tensors, {"optimizer": opt_state, "rng": rng_state()}, meta,
+                            keep=cfg.train.keep_checkpoints)
 
     t = cfg.train
     c, h, w = net.input_shape

@@ -5,7 +5,7 @@
 import sys
 from pathlib import Path
 
-from grandmother.leakage import find_leaks
+from grandmother.data.leakage import find_leaks
 
 bad = 0
 for train in sys.argv[1:]:

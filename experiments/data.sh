@@ -33,7 +33,7 @@ $GM filter-faces $OUT/nofaces64 --out $OUT/train_nofaces --overwrite --quiet
 # Fewer faces: the training set with faces cut to 10% of its images (a seeded random subset kept).
 .venv/bin/python - <<'PY'
 import numpy as np
-from grandmother.dataset import open_dataset
+from grandmother.data.dataset import open_dataset
 items = open_dataset("runs/data/train").items()
 faces = sorted(it["path"] for it in items if "/faces/" in it["path"])
 others = len(items) - len(faces)

@@ -1,6 +1,6 @@
 """Held-out scoring of one network on one labeled test set, for the experiments table.
 
-The protocol is grandmother.heldout's (its defaults): the test set is split once (seed 0) into a
+The protocol is grandmother.analysis.heldout's (its defaults): the test set is split once (seed 0) into a
 selection half and an evaluation half, stratified by label and grouped by identity (no person in both);
 every unit's threshold (the paper's 20 levels) and direction are chosen on the selection half, the best
 unit is chosen on the selection half, and its accuracy on the evaluation half is reported with a
@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from grandmother import heldout
+from grandmother.analysis import heldout
 
 
 def load_test(test_dir):
     """(uint8 images (N, C, H, W), bool labels, identities (None for distractors), split)."""
-    from grandmother.testset import open_testset
+    from grandmother.data.testset import open_testset
     ds, labels, _ = open_testset(test_dir)
     images = ds.get_batch(range(len(ds)))
     groups = [it.get("identity") for it in ds.items()]

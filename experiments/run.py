@@ -31,11 +31,11 @@ DATA = ROOT / "runs" / "data"
 RUNS = ROOT / "runs" / "exp"
 RESULTS = ROOT / "experiments" / "results"
 RANDOM_SEEDS = range(5)
-PROTOCOL = "heldout-v1"  # grandmother.heldout with its defaults (split seed 0, direction either)
+PROTOCOL = "heldout-v1"  # grandmother.analysis.heldout with its defaults (split seed 0, direction either)
 
 
 def _network(cfg, tensors=None):
-    from grandmother.model import build_network
+    from grandmother.nn.model import build_network
     net = build_network(cfg, __import__("torch").device("cpu"))
     if tensors is not None:
         net.load_state_dict(tensors)
@@ -81,7 +81,7 @@ def _random_baseline(cfg, images, labels, split, groups, concept) -> dict:
 def _baselines(cfg, images, labels, split, groups, concept) -> dict:
     """Trivial cues, and 10,000 linear filters drawn from the main training set (the same for every row)."""
     def make():
-        from grandmother.dataset import open_dataset
+        from grandmother.data.dataset import open_dataset
         cues = {name: ev.score_matrix(v[:, None], labels, split, groups) for name, v in ev.trivial_cues(images).items()}
         lin = ev.score_matrix(ev.linear_filters(_network(cfg), images, open_dataset(DATA / "train")), labels, split, groups)
         chance = heldout.public(heldout.majority_record(labels, split, groups))
@@ -90,7 +90,7 @@ def _baselines(cfg, images, labels, split, groups, concept) -> dict:
 
 
 def score(name: str, cfg, ckpt: Path, concept: str) -> dict:
-    from grandmother.checkpoint import load_checkpoint
+    from grandmother.training.checkpoint import load_checkpoint
     images, labels, groups, split = ev.load_test(DATA / f"test_{concept}")
     tensors, _, _ = load_checkpoint(ckpt)
     trained = _score_network(ev.network_units(_network(cfg, tensors), images), labels, split, groups)
@@ -115,8 +115,8 @@ def main(argv=None):
         for n, r in RECIPES.items():
             print(f"{n:28s} {r['what']}")
         return
-    from grandmother.checkpoint import latest_checkpoint
-    from grandmother.train import train
+    from grandmother.training.checkpoint import latest_checkpoint
+    from grandmother.training.loop import train
     import torch
     torch.set_num_threads(1)  # on a loaded 2-core machine one thread was 5x faster than two (89 vs 16 img/s)
     recipe = RECIPES[args.name]

@@ -1,4 +1,4 @@
 """python -m grandmother ...  (same as the `grandmother` command)"""
-from .commands import main
+from grandmother.commands import main
 
 raise SystemExit(main())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from grandmother.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -239,7 +239,7 @@ def validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     m = cfg.model
-    from .kernels import registered_names
+    from grandmother.nn.kernels import registered_names
     if m.kernel != "auto" and m.kernel not in registered_names():
         raise ConfigError(f"model.kernel={m.kernel!r}: unknown kernel (available: auto, {', '.join(registered_names())})")
     if m.channels not in (1, 3):
@@ -265,7 +265,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.schedule=greedy needs model.stage_gradients=local and the single-device engine "
                           "(no --engine downpour, no --model-parallel)")
     if t.partition:
-        from .parallel.partition import Partition, plan_stages
+        from grandmother.distributed.parallel.partition import Partition, plan_stages
         plan_stages(m, Partition.parse(t.partition))
     d = cfg.downpour
     if d.fetch_every < 1 or d.push_every < 1:
@@ -277,7 +277,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--replica-device cuda needs --replica-gpus > 0 (downpour.replica_device, downpour.replica_gpus; "
                           "e.g. 1: one GPU per replica)")
     # Shapes: raises ConfigError naming the stage whose receptive field does not fit.
-    from .shapes import stage_shapes
+    from grandmother.nn.shapes import stage_shapes
     stage_shapes(m)
 
 
@@ -392,7 +392,7 @@ def _stages_default(data: dict) -> dict:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    from .io import atomic_write_text
+    from grandmother.io import atomic_write_text
     atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 

@@ -13,7 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import GrandmotherError
+from grandmother.errors import GrandmotherError
 
 # mkstemp creates files readable by the owner only; results (reports, datasets, checkpoints) should get
 # the permissions of any other file the user creates, i.e. 0o666 less the umask (read once, at import).

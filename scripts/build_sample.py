@@ -3,7 +3,7 @@
     .venv/bin/python scripts/build_sample.py            # from the project root; needs ../shared/data
     .venv/bin/python scripts/build_sample.py --data /path/to/shared/data
 
-What it writes (JPEG, quality 90; every image square-cropped and resized with grandmother.images.fit_image,
+What it writes (JPEG, quality 90; every image square-cropped and resized with grandmother.data.images.fit_image,
 the same conversion every other part of the project uses):
 
   sample/train/                unlabeled training images, 64x64, colour where the source has colour:
@@ -35,7 +35,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grandmother.images import fit_image, list_images, load_image  # noqa: E402
+from grandmother.data.images import fit_image, list_images, load_image  # noqa: E402
 
 SEED = 0
 TRAIN_SIZE, TEST_SIZE, INVARIANCE_SIZE = 64, 64, 128
@@ -79,7 +79,7 @@ def video_frames(path: Path, n: int, rng, out_dir: Path):
 SOURCES = """# Sources of the demo sample
 
 Built by `scripts/build_sample.py` (seed 0) from the project's shared evaluation images. Every image was
-square-cropped and resized (grandmother.images.fit_image) and re-encoded as JPEG (quality 90). Nothing
+square-cropped and resized (grandmother.data.images.fit_image) and re-encoded as JPEG (quality 90). Nothing
 here was made by the project.
 
 | folder | from | licence / terms |

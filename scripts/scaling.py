@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from grandmother.config import load_config
-from grandmother.parallel.costs import halo_traffic, step_time, worker_costs
-from grandmother.parallel.partition import Partition
+from grandmother.distributed.parallel.costs import halo_traffic, step_time, worker_costs
+from grandmother.distributed.parallel.partition import Partition
 
 GRIDS = ["1x1", "2x1", "2x2", "4x2", "8x1", "4x4", "8x8"]
 NETWORKS = [("paper", []), ("paper, 24 maps (7.7x params)", ["model.stages.*.maps=24"]),
@@ -65,9 +65,9 @@ def model_table(args) -> list[str]:
 
 
 def measure(steps: int, batch: int) -> list[str]:
-    from grandmother.parallel.engine import train_model_parallel
-    from grandmother.samples import SAMPLE_DIR
-    from grandmother.train import train
+    from grandmother.distributed.parallel.engine import train_model_parallel
+    from grandmother.data.samples import SAMPLE_DIR
+    from grandmother.training.loop import train
 
     data = SAMPLE_DIR / "train"
     rows = [f"measured: small preset, batch {batch}, {steps} steps on {data} (in-package sample), CPU, "

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from grandmother import classify as C
-from grandmother.checkpoint import load_run
+from grandmother.analysis import classify as C
+from grandmother.training.checkpoint import load_run
 from grandmother.commands import main as cli
 from grandmother.config import load_config
-from grandmother.train import train
+from grandmother.training.loop import train
 
 from conftest import TINY
 

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from grandmother.commands import main as cli_main
-from grandmother.dataset import open_training_data
-from grandmother.images import fit_image
-from grandmother.dataset import load_batches, open_dataset, partial_dir
+from grandmother.data.dataset import open_training_data
+from grandmother.data.images import fit_image
+from grandmother.data.dataset import load_batches, open_dataset, partial_dir
 from grandmother.errors import GrandmotherError
-from grandmother.ingest import ingest
+from grandmother.data.ingest import ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,7 @@ def test_ingest_frames_per_video_and_seed(tmp_path):
 
 KILLABLE = """
 import sys, time
-import grandmother.ingest as ing
+import grandmother.data.ingest as ing
 write = ing.write_shard
 def slow_write(*a, **k):  # slow the run down so the test can kill it between shards
     write(*a, **k)
@@ -234,7 +234,7 @@ def test_dataset_across_shards_loader_and_model_fit(tmp_path):
     np.testing.assert_array_equal(ds.get_batch(idx).numpy(), expected[idx].transpose(0, 3, 1, 2))
     np.testing.assert_array_equal(ds[9].numpy(), expected[9].transpose(2, 0, 1))
 
-    from grandmother.dataset import BatchOrder
+    from grandmother.data.dataset import BatchOrder
     order = [BatchOrder(len(ds), 4, seed=1).indices(step) for step in range(2 * 23 // 4)]
     assert sorted(i for b in order[:5] for i in b) != list(range(20))  # shuffled across shards
     first_epoch = [i for b in order[: 23 // 4] for i in b]
@@ -267,7 +267,7 @@ def fake_people(root: Path, rng, counts: dict[str, int]):
 
 
 def test_testset_never_puts_one_person_on_both_sides(tmp_path, capsys):
-    from grandmother.testset import build_testset, open_testset
+    from grandmother.data.testset import build_testset, open_testset
     rng = np.random.default_rng(5)
     people = {f"person{i:02d}": int(n) for i, n in enumerate(rng.integers(1, 9, 20))}
     fake_people(tmp_path / "lfw", rng, people)
@@ -300,7 +300,7 @@ def test_testset_never_puts_one_person_on_both_sides(tmp_path, capsys):
 
     # every image went through the same conversion: gray positives stay gray in an rgb test set, and
     # an image equals fit_image of its file given the set's common histogram (the default)
-    from grandmother.testset import histogram_target, match_histogram
+    from grandmother.data.testset import histogram_target, match_histogram
     raw = []
     for it in ds.items():
         with Image.open(it["path"]) as im:
@@ -319,7 +319,7 @@ def test_testset_never_puts_one_person_on_both_sides(tmp_path, capsys):
 
 
 def test_histogram_matching_hand_computed():
-    from grandmother.testset import histogram_target, match_histogram
+    from grandmother.data.testset import histogram_target, match_histogram
     a = np.array([[10, 20], [30, 40]], np.uint8)[:, :, None]
     b = np.array([[0, 0], [100, 200]], np.uint8)[:, :, None]
     target = histogram_target(np.stack([a, b]))
@@ -360,7 +360,7 @@ def test_testset_removes_brightness_cue_and_crops_distractors(tmp_path, capsys):
     assert matched["trivial_cues"]["mean"]["evaluation_accuracy"] <= 0.7
     assert matched["trivial_cues"]["contrast"]["evaluation_accuracy"] <= 0.7
     # a crop of half the shorter side (30 of 60 px) at 16 px: decoded at 32, a 16x16 window of it
-    from grandmother.testset import random_crop
+    from grandmother.data.testset import random_crop
     img = np.arange(32 * 32).reshape(32, 32, 1)
     w = random_crop(img, 16, np.random.default_rng(0))
     y, x = divmod(int(w[0, 0, 0]), 32)
@@ -371,7 +371,7 @@ def test_testset_removes_brightness_cue_and_crops_distractors(tmp_path, capsys):
 
 
 def test_testset_on_real_lfw_splits_by_person(shared_data, tmp_path):
-    from grandmother.testset import plan_testset
+    from grandmother.data.testset import plan_testset
     lfw = shared_data / "faces" / "lfw"
     pos, neg, ids, excluded, _ = plan_testset([str(lfw)], [str(shared_data / "objects")], 13026 / 37000, 900, 0,
                                               "folder")
@@ -387,7 +387,7 @@ def test_testset_on_real_lfw_splits_by_person(shared_data, tmp_path):
 # ---------------------------------------------------------------- audit and filter on real images
 
 def test_audit_lfw_far_above_caltech_objects_and_filter(shared_data, tmp_path):
-    from grandmother.faces import audit, count_faces, filter_faces, load_cascade
+    from grandmother.data.faces import audit, count_faces, filter_faces, load_cascade
     lfw_people = sorted((shared_data / "faces" / "lfw").iterdir())[:150]
     objects = sorted((shared_data / "objects" / "caltech101").iterdir())[:6]
     # 100 px images: a 60 px patch can hold a whole LFW face (LFW faces fill about half the frame)
@@ -411,8 +411,8 @@ def test_no_test_image_or_test_person_enters_training(tmp_path):
     """The experiments' data recipe (testset, then ingest --exclude) leaves every test file, every file
     of every test person and every test image's pixels out of training; find_leaks sees each kind."""
     import shutil
-    from grandmother.leakage import find_leaks
-    from grandmother.testset import build_testset
+    from grandmother.data.leakage import find_leaks
+    from grandmother.data.testset import build_testset
     rng = np.random.default_rng(9)
     fake_people(tmp_path / "src" / "lfw", rng, {f"p{i:02d}": int(n) for i, n in enumerate(rng.integers(1, 6, 12))})
     (tmp_path / "src" / "objects").mkdir()

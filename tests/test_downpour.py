@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from grandmother.checkpoint import latest_checkpoint, load_checkpoint, load_run, read_meta
+from grandmother.training.checkpoint import latest_checkpoint, load_checkpoint, load_run, read_meta
 from grandmother.commands import main as cli
 from grandmother.config import load_config
-from grandmother.downpour_ps import FlatLayout, ShardState, shard_bounds
+from grandmother.distributed.shards import FlatLayout, ShardState, shard_bounds
 
 from conftest import TINY, make_images, write_run
 
@@ -48,7 +48,7 @@ def ray_processes(session: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    from grandmother.downpour import start_local_ray
+    from grandmother.distributed.downpour import start_local_ray
     ctx = start_local_ray(num_cpus=RAY_CPUS, object_store_memory=100 * 1024 * 1024, log_to_driver=False)
     session = Path(ctx.address_info["session_dir"]).name
     yield ctx
@@ -104,7 +104,7 @@ def test_shard_applies_each_sequence_number_once_and_slices_are_balanced():
 
 
 def _fake_downpour_checkpoint(run: Path, shards: int, replicas: int = 1):
-    from grandmother.model import build_network
+    from grandmother.nn.model import build_network
     cfg = load_config("small", TINY)
     write_run(run, cfg, build_network(cfg, torch.device("cpu")), step=2, metrics=False,
               meta={"engine": "downpour", "images_seen": 16, "replicas": replicas, "ps_layout": {"shards": shards}})
@@ -138,8 +138,8 @@ def test_bad_input_is_refused_in_one_line_before_any_work(tmp_path, capsys, extr
 # ---------------------------------------------------------------- with Ray
 
 def test_one_replica_sgd_p1_g1_matches_single_device_step_for_step(tmp_path, ray_run, one_thread):
-    from grandmother.downpour import train_downpour
-    from grandmother.train import train
+    from grandmother.distributed.downpour import train_downpour
+    from grandmother.training.loop import train
     data = make_images(tmp_path / "imgs")
     cfg = load_config("small", FAST + ["train.steps=6", "train.optimizer=sgd", "train.lr=0.02",
                                        "downpour.replicas=1", "downpour.fetch_every=1", "downpour.push_every=1"])
@@ -159,11 +159,11 @@ def test_one_replica_sgd_p1_g1_matches_single_device_step_for_step(tmp_path, ray
 
 
 def test_two_replicas_reach_the_single_device_loss_at_equal_images(tmp_path, ray_run, one_thread):
-    from grandmother.bench_downpour import evaluate_loss
-    from grandmother.dataset import open_training_data
-    from grandmother.downpour import train_downpour
-    from grandmother.model import build_network
-    from grandmother.train import train
+    from grandmother.bench.downpour import evaluate_loss
+    from grandmother.data.dataset import open_training_data
+    from grandmother.distributed.downpour import train_downpour
+    from grandmother.nn.model import build_network
+    from grandmother.training.loop import train
     data = make_images(tmp_path / "imgs", n=48)
     cfg = load_config("small", FAST + ["train.steps=80", "train.lr=0.02", "train.log_every=10",
                                        "downpour.replicas=2", "downpour.ps_shards=2", "downpour.warmstart_steps=4"])
@@ -188,7 +188,7 @@ def test_two_replicas_reach_the_single_device_loss_at_equal_images(tmp_path, ray
 
 
 def test_killed_replica_is_restarted_and_no_gradient_is_applied_twice(tmp_path, ray_run):
-    from grandmother.downpour import train_downpour
+    from grandmother.distributed.downpour import train_downpour
     data = make_images(tmp_path / "imgs", n=32)
     cfg = load_config("small", FAST + ["train.steps=60", "train.log_every=5", "downpour.replicas=2",
                                        "downpour.ps_shards=2", "downpour.push_every=2", "downpour.fetch_every=3"])
@@ -258,7 +258,7 @@ def test_killed_job_resumes_from_its_last_checkpoint(tmp_path, ray_run):
 def test_model_parallel_replicas_restart_their_whole_group_and_apply_every_push_once(tmp_path, ray_run):
     """2 replicas x 2 partition processes; one process of replica 1 is SIGKILLed mid-run: the replica's
     group restarts, the run finishes, and every worker's every push reached every shard exactly once."""
-    from grandmother.downpour import train_downpour
+    from grandmother.distributed.downpour import train_downpour
     data = make_images(tmp_path / "imgs", n=32)
     cfg = load_config("small", FAST + ["train.steps=24", "train.log_every=4", "downpour.replicas=2",
                                        "downpour.ps_shards=2", "downpour.push_every=2", "train.partition=2x1",

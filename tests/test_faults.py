@@ -25,12 +25,12 @@ import pytest
 import torch
 from PIL import Image
 
-from grandmother.checkpoint import (CKPT_DIR, LEGACY_STATE, STATE_JSON, STATE_TENSORS, latest_checkpoint,
+from grandmother.training.checkpoint import (CKPT_DIR, LEGACY_STATE, STATE_JSON, STATE_TENSORS, latest_checkpoint,
                                     load_checkpoint, load_weights, pack_state, read_meta, rng_state, unpack_state)
 from grandmother.commands import main as cli
 from grandmother.config import load_config
 from grandmother.errors import GrandmotherError
-from grandmother.train import train
+from grandmother.training.loop import train
 
 from test_classify import make_labeled
 from test_train import TINY, make_images
@@ -174,7 +174,7 @@ def test_resume_state_is_safetensors_and_json_and_round_trips(tmp_path):
     random.setstate(back["rng"]["python"])
     np.random.set_state(back["rng"]["numpy"])
     # a checkpoint folder holds no pickle at all
-    from grandmother.checkpoint import save_checkpoint
+    from grandmother.training.checkpoint import save_checkpoint
     save_checkpoint(tmp_path, 1, net.state_dict(), state, {"images_seen": 0})
     names = sorted(p.name for p in (tmp_path / CKPT_DIR / "step_00000001").iterdir())
     assert names == ["meta.json", "model.safetensors", STATE_JSON, STATE_TENSORS]
@@ -309,7 +309,7 @@ io.append_jsonl = slow
 
 # the process stops half-way through writing the checkpoint of step 4 (model written, resume state not)
 STOP_IN_CHECKPOINT = """
-import grandmother.checkpoint as ck
+import grandmother.training.checkpoint as ck
 real = ck.save_file
 def slow(tensors, filename, *a, **k):
     real(tensors, filename, *a, **k)
@@ -321,7 +321,7 @@ ck.save_file = slow
 
 # ingest stops after its second shard is written
 STOP_AFTER_SHARD = """
-import grandmother.ingest as ingest
+import grandmother.data.ingest as ingest
 real = ingest._ShardBuffer.write
 def slow(self, work, k, *a, **kw):
     out = real(self, work, k, *a, **kw)
@@ -334,7 +334,7 @@ ingest._ShardBuffer.write = slow
 
 # probe stops after its first progress save
 STOP_AFTER_PROBE_SAVE = """
-import grandmother.probe_protocol as pp
+import grandmother.analysis.protocol as pp
 real = pp.ProtocolState.save
 def slow(self, path, fingerprint):
     real(self, path, fingerprint)
@@ -554,7 +554,7 @@ def _stringify(obj):
 
 @pytest.mark.parametrize("mutate", [_poison, _stringify], ids=["strings", "numbers-as-strings"])
 def test_report_escapes_every_value_and_embeds_only_files_inside(world, tmp_path, capsys, mutate):
-    from grandmother.report import build_report
+    from grandmother.report.html import build_report
     out = tmp_path / "out"
     run = copy_run(world, out / "run")
     secret = tmp_path / "secret.png"  # outside every result folder

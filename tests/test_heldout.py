@@ -6,9 +6,9 @@ import itertools
 import numpy as np
 import pytest
 
-from grandmother import heldout as H
+from grandmother.analysis import heldout as H
 from grandmother.errors import GrandmotherError
-from grandmother.probe_protocol import run_protocol
+from grandmother.analysis.protocol import run_protocol
 
 
 # ---------------------------------------------------------------- the split

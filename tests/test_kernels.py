@@ -9,7 +9,7 @@ import torch
 
 from grandmother.commands import main as cli
 from grandmother.config import load_config
-from grandmother.kernels import get_kernel, kernel_names
+from grandmother.nn.kernels import get_kernel, kernel_names
 
 F64 = torch.float64
 FAST = [k for k in kernel_names("cpu") if k != "reference"]
@@ -40,7 +40,7 @@ class ReferencePrimitives:
 def tile_budget(request, monkeypatch):
     """Run each case with the normal budget (one tile) and a budget of one output row per tile."""
     if request.param == "row_tiles":
-        import grandmother.kernels.base as base
+        import grandmother.nn.kernels.base as base
         monkeypatch.setattr(base, "TILE_BYTES", {"cpu": 1, "cuda": 1})
     return request.param
 
@@ -70,7 +70,7 @@ def test_primitives_equal_reference_float64(kernel, B, C, H, W, M, k, s, tile_bu
 def test_whole_network_gradients_equal_reference(kernel, tied):
     """The kernel inside the model: same objective and same parameter gradients as the reference, with
     untied W1/W2 (the paper) and tied weights (the small preset's default; W2 then gets no gradient)."""
-    from grandmother.model import Network
+    from grandmother.nn.model import Network
     cfg = load_config("small", ["model.image_size=20", "model.stages.*.receptive_field=4", "model.stages.*.maps=2",
                                 "model.stages.*.pool_size=2", "model.stages.*.lcn_size=3", f"model.tied={tied}"])
     x = torch.randn(3, cfg.model.channels, 20, 20, dtype=F64)
@@ -116,7 +116,7 @@ def test_bench_runs_on_a_tiny_shape(capsys):
 
 def test_unfold_peer_computes_the_layer():
     """The benchmark's community-pattern peer is the same layer as the reference kernel (its own weight layout)."""
-    from grandmother.bench_peers import unfold_lc
+    from grandmother.bench.peers import unfold_lc
     x, w = torch.randn(2, 3, 9, 7, dtype=F64), torch.randn(3, 2, 4, 3, 4, 4, dtype=F64)  # Ho, Wo = 3, 2 at stride 2
     wu = w.permute(2, 3, 0, 1, 4, 5).reshape(1, 4, 3, 3, 2, 16)
     torch.testing.assert_close(unfold_lc(x, wu, 2), get_kernel("reference").encode(x, w, 2))
@@ -150,7 +150,7 @@ def test_cuda_kernel_equals_reference_float64(B, C, H, W, M, k, s):
 def test_native_kernel_builds_and_loads(tmp_path, monkeypatch):
     """A fresh build (own cache directory) compiles, loads and reports its vector width."""
     import shutil
-    from grandmother.kernels import native
+    from grandmother.nn.kernels import native
     if shutil.which(native._compiler()) is None:
         pytest.skip(f"no C++ compiler ({native._compiler()}): the native kernel is not built here")
     monkeypatch.setenv("GRANDMOTHER_CACHE", str(tmp_path))
@@ -163,7 +163,7 @@ def test_native_kernel_builds_and_loads(tmp_path, monkeypatch):
 
 
 def test_native_build_failure_is_one_line_and_auto_falls_back(tmp_path, monkeypatch, capsys):
-    from grandmother.kernels import native
+    from grandmother.nn.kernels import native
     monkeypatch.setenv("GRANDMOTHER_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-compiler-gm")
     with pytest.raises(RuntimeError, match=r"no C\+\+ compiler"):
@@ -199,7 +199,7 @@ def test_native_float32_equals_reference(B, C, H, W, M, k, s):
 def test_bench_times_the_trainers_step_with_the_configs_optimizer():
     """`bench --set train.optimizer=sgd` times SGD: the bench's train step is train.train_step with the
     config's optimizer (it used to hard-code Adagrad)."""
-    from grandmother.bench import _step_functions
+    from grandmother.bench.kernels import _step_functions
     cfg = load_config("small", ["model.image_size=16", "model.stages.*.receptive_field=4", "model.stages.*.maps=2",
                                 "model.stages.*.pool_size=2", "model.stages.*.lcn_size=3",
                                 "train.optimizer=sgd", "train.momentum=0", "train.lr=0.1",

@@ -18,9 +18,9 @@ from torch.autograd import gradcheck
 from torch.func import functional_call
 
 from grandmother.config import config_from_dict, load_config
-from grandmother.kernels import get_kernel, kernel_names
-from grandmother.model import LocalContrastNorm, Network, l2_pool
-from grandmother.shapes import model_info, stage_shapes
+from grandmother.nn.kernels import get_kernel, kernel_names
+from grandmother.nn.model import LocalContrastNorm, Network, l2_pool
+from grandmother.nn.shapes import model_info, stage_shapes
 
 F64 = torch.float64
 # every kernel registered for the CPU (reference, tiled, ...) plus "auto"

@@ -11,8 +11,8 @@ import torch
 
 from grandmother.config import load_config
 from grandmother.errors import ConfigError
-from grandmother.model import Network
-from grandmother.parallel.partition import Partition, Rect, exchange, plan_stages
+from grandmother.nn.model import Network
+from grandmother.distributed.parallel.partition import Partition, Rect, exchange, plan_stages
 
 TOL = 1e-10
 
@@ -80,8 +80,8 @@ def _compare_worker(rank, world, cases, out_dir):
     differences over the case's workers."""
     import torch.distributed as dist
 
-    from grandmother.parallel.halo import HALO_BYTES, reset_halo_bytes
-    from grandmother.parallel.mp_model import ModelParallelNetwork, all_reduce_sum
+    from grandmother.distributed.parallel.halo import HALO_BYTES, reset_halo_bytes
+    from grandmother.distributed.parallel.mp_model import ModelParallelNetwork, all_reduce_sum
 
     groups = {p: (None if p == world else dist.new_group(list(range(p)))) for p in sorted({
         Partition.parse(c["partition"]).size for c in cases})}
@@ -152,7 +152,7 @@ CASES = [  # P = 2, 3, 4: row, column and grid partitions, unequal blocks, strid
 @pytest.mark.slow
 def test_model_parallel_equals_single_process(tmp_path):
     """Done-when evidence of issue 14: P = 2, 3, 4 (one world of 4 processes, subgroups for P < 4)."""
-    from grandmother.parallel.launch import spawn
+    from grandmother.distributed.parallel.launch import spawn
     for case in CASES:  # fail here, not in a worker, on a partition the network cannot take
         plan_stages(tiny_config(case["net"], **case.get("set", {})).model, Partition.parse(case["partition"]))
     spawn(_compare_worker, 4, (CASES, str(tmp_path)), threads=1)
@@ -164,7 +164,7 @@ def test_model_parallel_equals_single_process(tmp_path):
             assert e <= TOL, f"{row['case']['partition']}: {what} differs by {e:.3g}"
     # model-info's halo figures (costs.py, from the partition alone) against the bytes each worker
     # counted in the tensors it actually sent: 3 training steps of 3 images in float64.
-    from grandmother.parallel.costs import halo_traffic
+    from grandmother.distributed.parallel.costs import halo_traffic
     for index, case in enumerate(CASES):
         cfg = tiny_config(case["net"], **case.get("set", {}))
         part = Partition.parse(case["partition"])
@@ -178,7 +178,7 @@ def test_model_parallel_equals_single_process(tmp_path):
 # ---------------------------------------------------------------- the single-node engine
 
 def _params(run):
-    from grandmother.checkpoint import load_run
+    from grandmother.training.checkpoint import load_run
     return load_run(run)[1].state_dict()
 
 
@@ -188,9 +188,9 @@ def test_train_model_parallel_resumes_with_another_partition(tmp_path):
     checkpoints (one mid-run, then more steps), and ends where a single-process run ends."""
     from test_train import make_images
 
-    from grandmother.checkpoint import latest_checkpoint, read_meta
+    from grandmother.training.checkpoint import latest_checkpoint, read_meta
     from grandmother.commands import main
-    from grandmother.train import train
+    from grandmother.training.loop import train
 
     data = make_images(tmp_path / "imgs", n=12, size=20)
     base = {**NET_A, "train.batch_size": 4, "train.checkpoint_every": 1, "train.log_every": 1,
@@ -210,7 +210,7 @@ def test_train_model_parallel_resumes_with_another_partition(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4] and lines[-1]["model_parallel"] == "2x1"
     # the halo bytes the workers counted in training = model-info's figure for this partition
-    from grandmother.parallel.costs import halo_traffic
+    from grandmother.distributed.parallel.costs import halo_traffic
     sent, _ = halo_traffic(cfg(4).model, Partition(2, 1), batch=4, element_size=4)
     assert lines[-1]["halo_bytes_per_step"] == sum(sum(row.values()) for row in sent)
     got = _params(tmp_path / "run")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from grandmother.config import config_from_dict, save_config
-from grandmother.dataset import ImageArrayDataset
+from grandmother.data.dataset import ImageArrayDataset
 from grandmother.errors import GrandmotherError
-from grandmother.model import Network
-from grandmother.probe import probe_network, run_probe, summarize
-from grandmother.probe_protocol import run_protocol
+from grandmother.nn.model import Network
+from grandmother.analysis.probe import probe_network, run_probe, summarize
+from grandmother.analysis.protocol import run_protocol
 
 from conftest import write_run
 
@@ -114,9 +114,9 @@ def test_run_probe_writes_json_and_resumes_from_cache(tmp_path, monkeypatch):
     ds, labels, pattern = planted_testset()
     cfg, net = planted_network(pattern)
     run = make_run(tmp_path / "run", cfg, net)
-    monkeypatch.setattr("grandmother.probe._open_testset", lambda p: (ds, labels, {}))
+    monkeypatch.setattr("grandmother.analysis.probe._open_testset", lambda p: (ds, labels, {}))
     train = ImageArrayDataset(ds.array[::3])
-    monkeypatch.setattr("grandmother.dataset.open_training_data", lambda p, size, c, progress=False: (train, None))
+    monkeypatch.setattr("grandmother.data.dataset.open_training_data", lambda p, size, c, progress=False: (train, None))
     seen, stop_after = [], [13]
 
     def interrupt(phase, batch):
@@ -191,8 +191,8 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch):
 
 
 def test_heldout_probe_chooses_on_selection_and_scores_on_evaluation():
-    from grandmother import heldout as H
-    from grandmother.probe_heldout import HeldoutSettings, heldout_probe
+    from grandmother.analysis import heldout as H
+    from grandmother.analysis.probe_heldout import HeldoutSettings, heldout_probe
     ds, labels, pattern = planted_testset()
     cfg, net = planted_network(pattern)
     # Identities: positives in pairs (as LFW persons), negatives without one. No pair may be divided.

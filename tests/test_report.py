@@ -9,9 +9,9 @@ from PIL import Image
 
 from grandmother.config import save_config
 from grandmother.errors import GrandmotherError
-from grandmother.model import Network
-from grandmother.report import build_report
-from grandmother.results import result_fields
+from grandmother.nn.model import Network
+from grandmother.report.html import build_report
+from grandmother.report.results import result_fields
 
 from conftest import write_run
 from test_visualize import one_stage_config
@@ -58,7 +58,7 @@ def test_report_is_one_html_file_with_table1_and_inlined_figures(tmp_path):
 
 
 def test_table1_bolds_the_winner_even_when_it_is_a_baseline():
-    from grandmother.report import table_html
+    from grandmother.report.html import table_html
     cols = [("random_guess", "Random guess"), ("random_weights", "Random weights"), ("best", "Best neuron")]
     page = table_html([("faces", {"random_guess": 64.7, "random_weights": 81.2, "best": 75.4})], cols)
     assert "<td>64.7</td><td><b>81.2</b></td><td>75.4</td>" in page

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from grandmother.errors import GrandmotherError
-from grandmother.pipeline import STAGES, Job, describe_change, run_pipeline, shown_unit
-from grandmother.samples import SAMPLE_DIR
+from grandmother.pipeline.job import STAGES, Job, describe_change, run_pipeline, shown_unit
+from grandmother.data.samples import SAMPLE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiniest job that still runs every stage: the small preset's shape with 2 maps per stage.
@@ -174,7 +174,7 @@ def test_run_bad_input_one_line_each(tmp_path):
     with pytest.raises(GrandmotherError, match=r"--out .*few: exists and is not a `grandmother run` folder"):
         run_pipeline([few], few, progress=False)
     # a test set at another size than the network's input
-    from grandmother.testset import build_testset
+    from grandmother.data.testset import build_testset
     faces = SAMPLE_DIR / "faces_test"
     ts = tmp_path / "ts48"
     build_testset([str(faces / "positive")], [str(faces / "negative")], ts, size=48, color="gray", count=20,
@@ -194,7 +194,7 @@ def test_run_bad_input_one_line_each(tmp_path):
 
 
 def _testset32(tmp_path) -> Path:
-    from grandmother.testset import build_testset
+    from grandmother.data.testset import build_testset
     faces = SAMPLE_DIR / "faces_test"
     ts = tmp_path / "ts32"
     if not ts.exists():
@@ -208,7 +208,7 @@ def _testset32(tmp_path) -> Path:
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_run_on_shared_videos_killed_in_training_and_in_probing_ends_as_uninterrupted(shared_data, tmp_path):
-    from grandmother.testset import build_testset
+    from grandmother.data.testset import build_testset
     objects = shared_data / "objects" / "caltech101"
     srcs = [shared_data / "video", *(objects / c for c in ("garfield", "gerenuk", "metronome", "wild_cat"))]
     cats = tmp_path / "cats"

@@ -8,17 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-from grandmother.checkpoint import latest_checkpoint, load_checkpoint, load_run
+from grandmother.training.checkpoint import latest_checkpoint, load_checkpoint, load_run
 from grandmother.commands import main as cli
 from grandmother.config import load_config
 from grandmother.errors import GrandmotherError
-from grandmother.dataset import BatchOrder
-from grandmother.train import train
+from grandmother.data.dataset import BatchOrder
+from grandmother.training.loop import train
 
 from conftest import TINY, make_images
 
 def sample_images(tmp_path):
-    from grandmother.samples import SAMPLE_DIR
+    from grandmother.data.samples import SAMPLE_DIR
     if (SAMPLE_DIR / "train").is_dir():
         return SAMPLE_DIR / "train"
     pytest.skip("in-package sample not built (scripts/build_sample.py)")
@@ -75,7 +75,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     before = latest_checkpoint(tmp_path / "run")
     tensors_before, _, _ = load_checkpoint(before)
 
-    import grandmother.checkpoint as ck
+    import grandmother.training.checkpoint as ck
     real_save = ck.save_file
 
     def crash(tensors, filename, *a, **k):
@@ -222,7 +222,7 @@ def test_norm_projection_keeps_unit_norms_through_training(tmp_path):
 
 
 def test_dead_fraction_counts_units_at_the_eps_floor():
-    from grandmother.model import Network
+    from grandmother.nn.model import Network
     cfg = load_config("small", TINY)
     net = Network(cfg.model, generator=torch.Generator().manual_seed(0))
     x = net.prepare(torch.randint(0, 255, (4, 1, 16, 16), dtype=torch.uint8))
@@ -240,9 +240,9 @@ def test_norm_control_is_refused_with_downpour():
 
 def test_greedy_schedule_trains_one_stage_at_a_time_bottom_up():
     # 6 steps over 3 stages: steps 0-1 move stage 0 only, 2-3 stage 1 only, 4-5 stage 2 only.
-    from grandmother.model import build_network
-    from grandmother.optim import build_optimizer
-    from grandmother.train import active_stage, train_step
+    from grandmother.nn.model import build_network
+    from grandmother.training.optim import build_optimizer
+    from grandmother.training.loop import active_stage, train_step
     cfg = load_config("small", TINY + ["train.steps=6", "train.schedule=greedy"])
     assert [active_stage(cfg.train, s, 3) for s in range(6)] == [0, 0, 1, 1, 2, 2]
     net = build_network(cfg, torch.device("cpu"))

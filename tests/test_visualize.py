@@ -11,10 +11,10 @@ from PIL import Image
 
 from grandmother.commands import main as cli
 from grandmother.config import load_config, save_config
-from grandmother.invariance import angle_of, rotation_curve, run_invariance, warp
-from grandmother.model import Network
-from grandmother.units import Unit, unit_activation
-from grandmother.visualize import balanced_subsample, optimal_stimulus, run_visualize
+from grandmother.analysis.invariance import angle_of, rotation_curve, run_invariance, warp
+from grandmother.nn.model import Network
+from grandmother.analysis.units import Unit, unit_activation
+from grandmother.analysis.visualize import balanced_subsample, optimal_stimulus, run_visualize
 from conftest import make_images, write_run
 
 
@@ -135,7 +135,7 @@ def test_rotation_sequences_average_by_angle(tmp_path):
 # ---------------------------------------------------------------- visualize end to end, and bad input
 
 def make_testset(tmp_path: Path, size: int = 16) -> Path:
-    from grandmother.testset import build_testset
+    from grandmother.data.testset import build_testset
     pos, neg = tmp_path / "pos", tmp_path / "neg"
     pos.mkdir(), neg.mkdir()
     rng = np.random.default_rng(0)
@@ -202,7 +202,7 @@ def test_balanced_subsample_is_one_to_one():
 def test_first_stage_filter_picture_shows_encoder_and_decoder_rows():
     cfg = one_stage_config(size=16, channels=1, field=5, maps=3)
     net = Network(cfg.model)
-    from grandmother.visualize import first_stage_filters
+    from grandmother.analysis.visualize import first_stage_filters
     pic = first_stage_filters(net, tile=10)
     cell = 10 + 2 * 3 + 2  # tile, border, gap of image_grid
     assert pic.shape == (10 * cell + 2, 3 * cell + 2, 3)  # 5 locations x (encoder, decoder) rows, 3 maps

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import GrandmotherError
-from ..io import describe_os_error
-from . import analysis, bench, classify, data, model, run
+from grandmother.errors import GrandmotherError
+from grandmother.io import describe_os_error
+from grandmother.commands import analysis, bench, classify, data, model, run
 
 # In the order `grandmother --help` lists them.
 GROUPS = [
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..runtime import Terminated
+    from grandmother.training.runtime import Terminated
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import GrandmotherError
-from .common import check_positive, command_line
+from grandmother.errors import GrandmotherError
+from grandmother.commands.common import check_positive, command_line
 
 
 def cmd_probe(args) -> int:
-    from ..probe import format_table, run_probe
-    from ..probe_heldout import HeldoutSettings
+    from grandmother.analysis.probe import format_table, run_probe
+    from grandmother.analysis.probe_heldout import HeldoutSettings
     check_positive(bootstrap=args.bootstrap, random_seeds=args.random_seeds)
     heldout = None if args.no_heldout else HeldoutSettings(
         split_seed=args.split_seed, direction=args.direction, bootstrap=args.bootstrap,
@@ -25,8 +25,8 @@ def cmd_probe(args) -> int:
 
 
 def cmd_visualize(args):
-    from ..runtime import resolve_device
-    from ..visualize import run_visualize, unit_from_probe
+    from grandmother.training.runtime import resolve_device
+    from grandmother.analysis.visualize import run_visualize, unit_from_probe
     if (args.unit is None) == (args.probe is None):
         raise GrandmotherError("give exactly one of --unit UNIT or --probe PROBE_DIR (its best unit)")
     check_positive(restarts=args.restarts, iters=args.iters, top=args.top)
@@ -48,9 +48,9 @@ def cmd_visualize(args):
 
 
 def cmd_invariance(args):
-    from ..invariance import parse_range, run_invariance
-    from ..runtime import resolve_device
-    from ..visualize import unit_from_probe
+    from grandmother.analysis.invariance import parse_range, run_invariance
+    from grandmother.training.runtime import resolve_device
+    from grandmother.analysis.visualize import unit_from_probe
     if (args.unit is None) == (args.probe is None):
         raise GrandmotherError("give exactly one of --unit UNIT or --probe PROBE_DIR (its best unit)")
     unit, threshold = args.unit, args.threshold
@@ -72,7 +72,7 @@ def cmd_invariance(args):
 
 
 def cmd_report(args):
-    from ..report import build_report
+    from grandmother.report.html import build_report
     res = build_report(Path(args.run_dir), Path(args.out), args.probe, args.visualize, args.invariance,
                        args.classify, command=command_line())
     found = ", ".join(f"{len(v)} {k}" for k, v in res["found"].items())
@@ -96,8 +96,8 @@ def register(sub):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--concept", help="name of the positive class (e.g. faces), for the report")
-    from ..heldout import DIRECTIONS
-    from ..probe_heldout import HeldoutSettings
+    from grandmother.analysis.heldout import DIRECTIONS
+    from grandmother.analysis.probe_heldout import HeldoutSettings
     d = HeldoutSettings()
     p.add_argument("--split-seed", type=int, default=d.split_seed,
                    help="held out: seed of the selection/evaluation split (default: %(default)s)")

@@ -4,17 +4,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import ConfigError
-from ..errors import GrandmotherError
-from ..samples import SAMPLE_DIR
-from .common import add_config_arguments, config_from_args
+from grandmother.config import ConfigError
+from grandmother.errors import GrandmotherError
+from grandmother.data.samples import SAMPLE_DIR
+from grandmother.commands.common import add_config_arguments, config_from_args
 
 
 def cmd_bench(args) -> int:
     import torch
 
-    from ..bench import format_table, run_bench
-    from ..kernels import kernel_names
+    from grandmother.bench.kernels import format_table, run_bench
+    from grandmother.nn.kernels import kernel_names
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise GrandmotherError("--device cuda: no CUDA device is available here")
@@ -42,13 +42,13 @@ def cmd_bench(args) -> int:
 
 
 def cmd_bench_data(args):
-    from ..bench_data import run_bench_data
+    from grandmother.bench.data import run_bench_data
     run_bench_data(Path(args.src), limit=args.limit, workers=args.workers, batches=args.batches)
     return 0
 
 
 def cmd_bench_downpour(args):
-    from ..bench_downpour import format_table, run_bench_downpour
+    from grandmother.bench.downpour import format_table, run_bench_downpour
     try:
         replica_counts = [int(x) for x in args.replicas.split(",") if x.strip()]
     except ValueError:

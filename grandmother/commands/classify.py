@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import command_line
+from grandmother.commands.common import command_line
 
 
 def cmd_classify(args):
-    from ..classify import run_classify
+    from grandmother.analysis.classify import run_classify
     run_classify(Path(args.run_dir), Path(args.data), Path(args.out), split=Path(args.split) if args.split else None,
                  seed=args.seed, features=args.features, l2=args.l2, max_iter=args.max_iter, fine_tune=args.finetune,
                  finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, batch_size=args.batch_size,

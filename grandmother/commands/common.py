@@ -5,8 +5,8 @@ import json
 import shlex
 import sys
 
-from ..config import load_config
-from ..errors import GrandmotherError
+from grandmother.config import load_config
+from grandmother.errors import GrandmotherError
 
 
 def add_config_arguments(p, preset_default="small"):

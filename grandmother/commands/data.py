@@ -13,7 +13,7 @@ def print_json(obj) -> int:
 # ---------------------------------------------------------------- ingest
 
 def cmd_ingest(args):
-    from ..ingest import ingest
+    from grandmother.data.ingest import ingest
     index = ingest(args.sources, Path(args.out), size=args.size, color=args.color, seed=args.seed,
                    frames_per_video=args.frames_per_video, workers=args.workers, shard_size=args.shard_size,
                    exclude=args.exclude, overwrite=args.overwrite, progress=not args.quiet)
@@ -35,7 +35,7 @@ def cmd_ingest(args):
 # ---------------------------------------------------------------- audit / filter-faces
 
 def cmd_audit(args):
-    from ..faces import audit
+    from grandmother.data.faces import audit
     report = audit(Path(args.data_dir), patches=args.patches, patch_size=args.patch_size, seed=args.seed,
                    cascade=args.cascade, per_image=args.per_image, min_neighbors=args.min_neighbors,
                    progress=not args.json)
@@ -51,7 +51,7 @@ def cmd_audit(args):
 
 
 def cmd_filter_faces(args):
-    from ..faces import filter_faces
+    from grandmother.data.faces import filter_faces
     report = filter_faces(Path(args.data_dir), Path(args.out), cascade=args.cascade, min_neighbors=args.min_neighbors,
                           overwrite=args.overwrite, progress=not args.quiet)
     print(f"{args.out}: removed {report['removed']} of {report['images_in']} images in which {report['cascade']} "
@@ -62,7 +62,7 @@ def cmd_filter_faces(args):
 # ---------------------------------------------------------------- testset
 
 def cmd_testset(args):
-    from ..testset import build_testset
+    from grandmother.data.testset import build_testset
     index = build_testset(args.positive, args.negative, Path(args.out), positive_fraction=args.positive_fraction,
                           size=args.size, color=args.color, seed=args.seed, count=args.count, group_by=args.group_by,
                           workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
@@ -92,8 +92,8 @@ def format_cues(index: dict) -> str:
 
 
 def register(sub):
-    from ..faces import DEFAULT_CASCADE
-    from ..testset import PAPER_POSITIVE_FRACTION
+    from grandmother.data.faces import DEFAULT_CASCADE
+    from grandmother.data.testset import PAPER_POSITIVE_FRACTION
 
     p = sub.add_parser("ingest", help="videos, images and folders in, a sharded dataset (DATA_DIR) out")
     p.add_argument("sources", nargs="*", metavar="SRC", help="video file, image file or folder (recursive)")

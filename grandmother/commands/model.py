@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import CHOICES
-from ..errors import GrandmotherError
-from .common import add_config_arguments, check_positive, config_from_args
+from grandmother.config import CHOICES
+from grandmother.errors import GrandmotherError
+from grandmother.commands.common import add_config_arguments, check_positive, config_from_args
 
 
 # ---------------------------------------------------------------- model-info
@@ -28,14 +28,14 @@ def add_partition_arguments(p):
 
 
 def cmd_model_info(args):
-    from ..shapes import format_model_info, model_info
+    from grandmother.nn.shapes import format_model_info, model_info
     partition_flag(args)
     cfg = config_from_args(args, {"partition": "train.partition", "batch_size": "train.batch_size"})
     info = model_info(cfg)
     text = format_model_info(info)
     if cfg.train.partition:
-        from ..parallel.costs import format_worker_costs, worker_costs
-        from ..parallel.partition import Partition
+        from grandmother.distributed.parallel.costs import format_worker_costs, worker_costs
+        from grandmother.distributed.parallel.partition import Partition
         part = Partition.parse(cfg.train.partition)
         info["model_parallel"] = {"partition": str(part), "batch_size": cfg.train.batch_size,
                                   "workers": worker_costs(cfg, part)}
@@ -71,15 +71,15 @@ def cmd_train(args):
                                    f"--set downpour.ps_checkpoint_every=N parameter-server updates and its replicas "
                                    f"load their own batches")
     if cfg.train.partition and cfg.engine != "downpour":
-        from ..parallel.engine import train_model_parallel
+        from grandmother.distributed.parallel.engine import train_model_parallel
         summary = train_model_parallel(cfg, Path(args.data), Path(args.out), resume=args.resume,
                                        force_resume=args.force_resume)
     elif cfg.engine == "downpour":
-        from ..downpour import train_downpour
+        from grandmother.distributed.downpour import train_downpour
         summary = train_downpour(cfg, Path(args.data), Path(args.out), resume=args.resume,
                                  force_resume=args.force_resume)
     else:
-        from ..train import train
+        from grandmother.training.loop import train
         summary = train(cfg, Path(args.data), Path(args.out), resume=args.resume, force_resume=args.force_resume)
     final = summary.get("final") or {}
     print(f"trained {summary['steps']} steps ({summary['images_seen']} images); "

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_config_arguments, command_line
+from grandmother.commands.common import add_config_arguments, command_line
 
 
 def cmd_run(args):
-    from ..pipeline import run_pipeline
+    from grandmother.pipeline.job import run_pipeline
     run_pipeline(args.sources, Path(args.out), preset=args.preset, overrides=args.overrides, steps=args.steps,
                  minutes=args.minutes, testsets=args.testset, frames_per_video=args.frames_per_video,
                  workers=args.workers, restart_from=args.restart_from,
@@ -16,7 +16,7 @@ def cmd_run(args):
 
 
 def register(sub):
-    from ..pipeline import FRAMES_PER_VIDEO, STAGES
+    from grandmother.pipeline.job import FRAMES_PER_VIDEO, STAGES
     p = sub.add_parser("run", help="the whole job on your videos and images: ingest, train, probe, visualize, "
                                    "report (resumable)")
     p.add_argument("sources", nargs="+", metavar="SRC", help="videos, images or folders of them (recursive)")

@@ -1,0 +1,1 @@
+"""Benchmarks: kernels against the machine and peers, the data path, the engines."""

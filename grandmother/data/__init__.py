@@ -1,0 +1,1 @@
+"""Data: frames and images in, a sharded dataset out; the face audit; labeled test sets."""

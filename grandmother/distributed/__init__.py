@@ -1,0 +1,1 @@
+"""Training over many processes: Downpour SGD on Ray and spatial model parallelism."""

@@ -1,0 +1,1 @@
+"""The network: locally connected filtering, L2 pooling, LCN and the per-stage objective."""

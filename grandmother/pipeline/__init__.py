@@ -1,0 +1,1 @@
+"""`grandmother run`: the whole job as registered, resumable stages."""

@@ -1,0 +1,1 @@
+"""Showing results: the results schema, every figure, the HTML report."""

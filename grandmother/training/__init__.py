@@ -1,0 +1,1 @@
+"""Training on one device: the loop, the optimizer, checkpoints and the process runtime."""

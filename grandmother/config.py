@@ -231,6 +231,9 @@ def _get(cfg, dotted: str):
 
 
 def validate(cfg: Config) -> None:
+    """The checks that need only the values. Those that need a higher layer run where that layer starts:
+    kernel name and stage shapes in `grandmother.nn.shapes.check_network`, the partition in
+    `grandmother.distributed.parallel.partition.check_partition` (the command layer runs both at once)."""
     for key, value in _numbers(cfg.to_dict(), ""):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}={value}: must be a finite number")
@@ -239,9 +242,6 @@ def validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     m = cfg.model
-    from grandmother.nn.kernels import registered_names
-    if m.kernel != "auto" and m.kernel not in registered_names():
-        raise ConfigError(f"model.kernel={m.kernel!r}: unknown kernel (available: auto, {', '.join(registered_names())})")
     if m.channels not in (1, 3):
         raise ConfigError(f"model.channels={m.channels}: must be 1 (gray) or 3 (rgb)")
     if not m.stages:
@@ -264,9 +264,6 @@ def validate(cfg: Config) -> None:
     if t.schedule == "greedy" and (m.stage_gradients != "local" or cfg.engine != "local" or t.partition):
         raise ConfigError("train.schedule=greedy needs model.stage_gradients=local and the single-device engine "
                           "(no --engine downpour, no --model-parallel)")
-    if t.partition:
-        from grandmother.distributed.parallel.partition import Partition, plan_stages
-        plan_stages(m, Partition.parse(t.partition))
     d = cfg.downpour
     if d.fetch_every < 1 or d.push_every < 1:
         raise ConfigError(f"--fetch-every and --push-every must be >= 1 (got P={d.fetch_every}, G={d.push_every})")
@@ -276,9 +273,6 @@ def validate(cfg: Config) -> None:
     if d.replica_device == "cuda" and d.replica_gpus <= 0:
         raise ConfigError("--replica-device cuda needs --replica-gpus > 0 (downpour.replica_device, downpour.replica_gpus; "
                           "e.g. 1: one GPU per replica)")
-    # Shapes: raises ConfigError naming the stage whose receptive field does not fit.
-    from grandmother.nn.shapes import stage_shapes
-    stage_shapes(m)
 
 
 def _validate_numbers(cfg: Config) -> None:

@@ -64,7 +64,8 @@ def make_images(folder: Path, n: int = 24, size: int = 20, seed: int = 0, grid: 
 def write_run(run_dir: Path, cfg, net, step: int = 5, meta: dict | None = None, metrics: bool = True) -> Path:
     """A run directory as training leaves it: config.yaml, metrics.jsonl (steps 1-5, unless `metrics` is
     False) and one checkpoint at `step` whose meta.json is a local run's, updated with `meta`."""
-    from grandmother.training.checkpoint import model_signature, save_checkpoint
+    from grandmother.training.checkpoint import save_checkpoint
+    from grandmother.training.runs import model_signature
     from grandmother.config import save_config
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from grandmother.analysis import classify as C
-from grandmother.training.checkpoint import load_run
+from grandmother.training.runs import load_run
 from grandmother.commands import main as cli
 from grandmother.config import load_config
 from grandmother.training.loop import train

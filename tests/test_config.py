@@ -28,12 +28,14 @@ def test_unknown_key_in_yaml_file(tmp_path):
 
 def test_field_larger_than_input_names_the_stage():
     # small: stage 2's input is 8x16x16 (32 -> 25 -> 23 -> 18 -> 16), so a field of 20 fits stage 0 but not 2.
+    # config.py checks values only; the shapes are checked by the layer that builds the network (nn.shapes)
+    from grandmother.nn.shapes import check_network
     with pytest.raises(ConfigError, match=r"stages\[2\]\.receptive_field=20.*16x16"):
-        load_config("small", ["model.stages.2.receptive_field=20"])
+        check_network(load_config("small", ["model.stages.2.receptive_field=20"]).model)
     with pytest.raises(ConfigError, match=r"stages\[0\]"):
-        load_config("small", ["model.stages.0.receptive_field=33"])
+        check_network(load_config("small", ["model.stages.0.receptive_field=33"]).model)
     with pytest.raises(ConfigError, match=r"stages\[1\]\.lcn_size=4"):
-        load_config("small", ["model.stages.1.lcn_size=4"])
+        check_network(load_config("small", ["model.stages.1.lcn_size=4"]).model)
 
 
 @pytest.mark.parametrize("bad,needle", [("model.stages.0.lcn_sigma=0", r"stages\[0\]\.lcn_sigma=0"),

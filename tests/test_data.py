@@ -275,8 +275,9 @@ def test_testset_never_puts_one_person_on_both_sides(tmp_path, capsys):
     neg.mkdir()
     for i in range(120):
         random_image(rng, (60, 40)).save(neg / f"o{i:03d}.jpg")
+    from grandmother.analysis.heldout import testset_cue_scores
     index = build_testset([str(tmp_path / "lfw")], [str(neg)], tmp_path / "t", size=32, color="rgb", seed=2,
-                          workers=1, progress=False)
+                          workers=1, progress=False, cue_scorer=testset_cue_scores)
     assert "every positive image is gray" in capsys.readouterr().out
     ds, labels, meta = open_testset(tmp_path / "t")
     assert len(ds) == len(labels) == index["images"]

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from grandmother.training.checkpoint import latest_checkpoint, load_checkpoint, load_run, read_meta
+from grandmother.training.checkpoint import latest_checkpoint, load_checkpoint, read_meta
+from grandmother.training.runs import load_run
 from grandmother.commands import main as cli
 from grandmother.config import load_config
 from grandmother.distributed.shards import FlatLayout, ShardState, shard_bounds

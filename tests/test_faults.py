@@ -554,7 +554,7 @@ def _stringify(obj):
 
 @pytest.mark.parametrize("mutate", [_poison, _stringify], ids=["strings", "numbers-as-strings"])
 def test_report_escapes_every_value_and_embeds_only_files_inside(world, tmp_path, capsys, mutate):
-    from grandmother.report.html import build_report
+    from grandmother.report.page import build_report
     out = tmp_path / "out"
     run = copy_run(world, out / "run")
     secret = tmp_path / "secret.png"  # outside every result folder

@@ -122,6 +122,58 @@ def test_unit_table_hand_computed():
         H.unit_table(acts, labels, split, direction="both")
 
 
+def plain_unit_table(acts, labels, split, direction="either", n_thresholds=20):
+    """The protocol written as plainly as possible, unit by unit and threshold by threshold (the oracle)."""
+    acts, labels = np.asarray(acts, np.float64), np.asarray(labels).astype(bool)
+    sel, ev = split.selection, split.evaluation
+    rows = []
+    for u in range(acts.shape[1]):
+        a = acts[:, u]
+        cands = []  # (selection accuracy, sign, threshold) in the order the protocol prefers among ties
+        for sign in ((1, -1) if direction == "either" else (1,)):
+            b = sign * a[sel]
+            for t in np.linspace(b.min(), b.max(), n_thresholds):
+                cands.append((np.mean((b > t) == labels[sel]), sign, sign * t))
+        best = cands[0]
+        for c in cands[1:]:
+            if c[0] > best[0]:
+                best = c
+        acc, sign, thr = best
+        pred = a[ev] > thr if sign > 0 else a[ev] < thr
+        whole = [np.mean((a > t) == labels) for t in np.linspace(a.min(), a.max(), n_thresholds)]
+        rows.append((acc, sign, thr, np.mean(pred == labels[ev]), max(whole)))
+    return [np.array(c) for c in zip(*rows)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_unit_table_equals_the_plain_protocol(seed):
+    """Random responses with ties (values on a coarse grid, so responses fall exactly on thresholds),
+    constant units and a unit with one odd value: every choice and score the same as the plain loops."""
+    rng = np.random.default_rng(seed)
+    n, units = 90, 40
+    labels = rng.random(n) < 0.35
+    acts = rng.normal(size=(n, units)) + labels[:, None] * rng.normal(size=units)
+    acts[:, :10] = np.round(acts[:, :10] * 2) / 2  # heavy ties
+    acts[:, 10:13] = rng.integers(0, 20, (n, 3)) * (19 / 19)  # integers 0..19: responses equal to thresholds
+    acts[:, 13] = 0.7  # constant
+    acts[:, 14] = 0.0
+    acts[:, 15] = 0.0
+    acts[5, 15] = 1.0  # one odd value
+    acts = acts.astype(np.float32)
+    split = H.split_halves(labels, None, seed=seed)
+    for direction in ("either", "positive"):
+        table = H.unit_table(acts, labels, split, direction=direction)
+        acc, sign, thr, ev_acc, same = plain_unit_table(acts, labels, split, direction)
+        np.testing.assert_array_equal(table.selection_accuracy, acc)
+        np.testing.assert_array_equal(table.sign, sign)
+        np.testing.assert_array_equal(table.threshold, thr)
+        np.testing.assert_array_equal(table.evaluation_accuracy, ev_acc)
+        np.testing.assert_array_equal(table.same_set_accuracy, same)
+        np.testing.assert_array_equal(table.auc_selection, H.unit_auc(acts[split.selection], labels[split.selection]))
+        np.testing.assert_array_equal(table.auc_evaluation,
+                                      H.unit_auc(acts[split.evaluation], labels[split.evaluation]))
+
+
 def test_choice_never_looks_at_the_evaluation_half():
     rng = np.random.default_rng(1)
     acts = rng.normal(size=(60, 7))

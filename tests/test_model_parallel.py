@@ -178,7 +178,7 @@ def test_model_parallel_equals_single_process(tmp_path):
 # ---------------------------------------------------------------- the single-node engine
 
 def _params(run):
-    from grandmother.training.checkpoint import load_run
+    from grandmother.training.runs import load_run
     return load_run(run)[1].state_dict()
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from grandmother.config import save_config
 from grandmother.errors import GrandmotherError
 from grandmother.nn.model import Network
-from grandmother.report.html import build_report
+from grandmother.report.page import build_report
 from grandmother.report.results import result_fields
 
 from conftest import write_run

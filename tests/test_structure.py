@@ -160,3 +160,48 @@ def test_no_block_of_six_lines_is_repeated_in_grandmother():
     found = repeated_blocks(files)
     assert not found, "repeated blocks (make one piece of code serve both):\n" + "\n".join(
         " ~ ".join(where) + "\n    " + text.replace("\n", "\n    ") for text, where in found.items())
+
+
+# ---------------------------------------------------------------- subpackages and their floors
+
+# The system's parts, bottom up (docs/code.md). A module imports only from its own floor or below:
+# data and nn never import training, distributed, analysis or report.
+TOP_LEVEL = {"grandmother", "grandmother.__main__", "grandmother.config", "grandmother.errors", "grandmother.io"}
+FLOORS = {"data": 1, "nn": 1, "training": 2, "distributed": 3, "report": 3, "analysis": 4, "bench": 5,
+          "pipeline": 6, "commands": 7}
+
+
+def floor_of(module: str) -> int:
+    if module == "grandmother.__main__":  # `python -m grandmother`: the command layer's entry point
+        return FLOORS["commands"]
+    if module in TOP_LEVEL:
+        return 0
+    return FLOORS[module.split(".")[1]]
+
+
+def test_every_module_sits_in_a_subpackage():
+    loose = sorted(m for m in modules() if m not in TOP_LEVEL and m.split(".")[1] not in FLOORS)
+    assert not loose, f"modules outside the subpackages of docs/code.md: {loose}"
+
+
+def test_no_import_runs_up_a_floor():
+    edges, _ = graph()
+    up = sorted(f"{n} -> {m}" for n, targets in edges.items() for m in targets if floor_of(m) > floor_of(n))
+    assert not up, "imports from a lower part up to a higher one:\n" + "\n".join(up)
+
+
+def test_the_floor_check_sees_an_upward_import():
+    assert floor_of("grandmother.data.testset") < floor_of("grandmother.analysis.heldout")
+    assert floor_of("grandmother.config") == 0 and floor_of("grandmother.nn.kernels.base") == 1
+
+
+def test_experiments_define_no_scoring_function_of_their_own():
+    """The held-out protocol exists once, in grandmother.analysis.heldout: experiments/ may call it, never
+    re-implement it (no function there computes accuracies, AUCs, thresholds or unit tables)."""
+    scoring = re.compile(r"(auc|accuracy|threshold|unit_table|counts|roc|bootstrap)", re.I)
+    found = []
+    for path in sorted((PACKAGE.parent / "experiments").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and scoring.search(node.name):
+                found.append(f"{path.name}:{node.lineno} {node.name}")
+    assert not found, found

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from grandmother.training.checkpoint import latest_checkpoint, load_checkpoint, load_run
+from grandmother.training.checkpoint import latest_checkpoint, load_checkpoint
+from grandmother.training.runs import load_run
 from grandmother.commands import main as cli
 from grandmother.config import load_config
 from grandmother.errors import GrandmotherError

@@ -202,7 +202,7 @@ def test_balanced_subsample_is_one_to_one():
 def test_first_stage_filter_picture_shows_encoder_and_decoder_rows():
     cfg = one_stage_config(size=16, channels=1, field=5, maps=3)
     net = Network(cfg.model)
-    from grandmother.analysis.visualize import first_stage_filters
+    from grandmother.report.plots import first_stage_filters
     pic = first_stage_filters(net, tile=10)
     cell = 10 + 2 * 3 + 2  # tile, border, gap of image_grid
     assert pic.shape == (10 * cell + 2, 3 * cell + 2, 3)  # 5 locations x (encoder, decoder) rows, 3 maps

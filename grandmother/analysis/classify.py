@@ -359,7 +359,7 @@ def run_classify(run_dir: Path, data_dir: Path, out: Path, *, split: Path | None
                  progress: bool = True, command: str | None = None) -> dict:
     """Classifiers on a run's features against raw-pixel and random-weight baselines; writes classify.json
     and confusion.png into `out` and returns the report."""
-    from grandmother.training.checkpoint import load_run
+    from grandmother.training.runs import load_run
     from grandmother.io import atomic_write_json
     from grandmother.nn.model import build_network
     from grandmother.training.runtime import resolve_device

@@ -159,26 +159,51 @@ def unit_auc(acts, labels) -> np.ndarray:
 
 
 def paper_thresholds(acts, n_thresholds: int = 20) -> np.ndarray:
-    """(n_thresholds, U): equally spaced from each column's min to its max, both included (paper 4.1)."""
+    """(n_thresholds, U): equally spaced from each column's min to its max, both included (paper 4.1).
+    Each column's values are those of np.linspace on that column alone, whatever the other columns hold."""
     acts = np.asarray(acts, np.float64)
-    return np.linspace(acts.min(0), acts.max(0), n_thresholds, axis=0)
+    lo, hi = acts.min(0), acts.max(0)
+    t = np.arange(n_thresholds, dtype=np.float64)[:, None] * ((hi - lo) / max(1, n_thresholds - 1)) + lo
+    t[-1] = hi
+    return t
+
+
+def _count_above(a, thr) -> np.ndarray:
+    """(n, U) int: how many of each unit's thresholds thr (T, U) lie strictly below each response a (n, U).
+
+    Estimated from the thresholds' even spacing, then corrected against the thresholds themselves, so the
+    count is exact (the same comparisons `a > t` as a plain loop would make, ties included)."""
+    t_count = thr.shape[0]
+    lo, span = thr[0], thr[-1] - thr[0]
+    with np.errstate(invalid="ignore", over="ignore"):
+        z = np.nan_to_num((a - lo) * ((t_count - 1) / np.where(span > 0, span, 1.0)), nan=0.0)
+    k = np.clip(np.ceil(z), 0, t_count).astype(np.int64)
+    cols = np.arange(a.shape[1])[None, :]
+    while True:
+        lower = (k > 0) & (thr[np.maximum(k - 1, 0), cols] >= a)  # threshold k-1 is not below a
+        k -= lower
+        higher = (k < t_count) & (thr[np.minimum(k, t_count - 1), cols] < a)  # threshold k is below a
+        k += higher
+        if not (lower.any() or higher.any()):
+            return k
 
 
 def threshold_accuracy(acts, labels, thresholds) -> np.ndarray:
-    """(T, U) accuracy of "acts > threshold means positive" for every threshold (T, U) of every unit."""
+    """(T, U) accuracy of "acts > threshold means positive" for every threshold (T, U) of every unit,
+    ascending thresholds (as paper_thresholds gives). Counts per unit how many responses, and how many
+    positive ones, pass each threshold: O(n U) work and memory, not O(n T U)."""
     acts = np.asarray(acts, np.float64)
     labels = np.asarray(labels).astype(bool).ravel()
-    t = np.asarray(thresholds, np.float64)
-    above_pos = np.zeros(t.shape, np.int64)
-    above_neg = np.zeros(t.shape, np.int64)
-    rows = max(1, _BLOCK_ELEMENTS // max(1, t.size))
-    for r in range(0, len(acts), rows):
-        a, lab = acts[r:r + rows], labels[r:r + rows]
-        above = a[:, None, :] > t[None]
-        above_pos += above[lab].sum(0)
-        above_neg += above[~lab].sum(0)
-    n_neg = len(labels) - labels.sum()
-    return (above_pos + (n_neg - above_neg)) / len(labels)
+    thr = np.asarray(thresholds, np.float64)
+    t_count, units = thr.shape
+    k = _count_above(acts, thr) + np.arange(units)[None, :] * (t_count + 1)
+    h_all = np.bincount(k.ravel(), minlength=units * (t_count + 1)).reshape(units, t_count + 1)
+    h_pos = np.bincount(k[labels].ravel(), minlength=units * (t_count + 1)).reshape(units, t_count + 1)
+    # "a > t_j" holds where k > j: the tail sums of the histograms from j + 1
+    above_all = h_all[:, ::-1].cumsum(1)[:, ::-1][:, 1:]
+    above_pos = h_pos[:, ::-1].cumsum(1)[:, ::-1][:, 1:]
+    n_pos = int(labels.sum())
+    return ((above_pos + (len(labels) - n_pos) - (above_all - above_pos)) / len(labels)).T
 
 
 def same_set_accuracy(acts, labels, n_thresholds: int = 20) -> np.ndarray:
@@ -247,7 +272,7 @@ def unit_table(acts, labels, split: Split, direction: str = DEFAULT_DIRECTION, n
         raise GrandmotherError(f"{acts.shape[0]} responses for {len(labels)} labels")
     sel, ev = split.selection, split.evaluation
     parts = []
-    step = max(1, _BLOCK_ELEMENTS // max(1, n_thresholds * len(sel)))
+    step = max(1, _BLOCK_ELEMENTS // max(1, len(labels)))
     for c in range(0, acts.shape[1], step):
         a = np.asarray(acts[:, c:c + step], np.float64)
         a_sel, l_sel = a[sel], labels[sel]
@@ -364,7 +389,17 @@ def evaluate(acts, labels, split: Split, *, direction: str = DEFAULT_DIRECTION, 
             "evaluation_accuracy": float(table.evaluation_accuracy[u]), "ci95": [lo, hi],
             "auc_evaluation": float(table.auc_evaluation[u] if table.sign[u] > 0 else 1 - table.auc_evaluation[u]),
             "same_set_accuracy": float(table.same_set_accuracy[paper_u]), "same_set_unit": name(paper_u),
-            "units": len(table), "correct": correct}
+            "best_auc": best_auc_record(table, name), "units": len(table), "correct": correct}
+
+
+def best_auc_record(table: UnitTable, name=lambda i: i) -> dict:
+    """The unit with the best selection-half AUC (either direction when the table allows it), with its
+    evaluation-half AUC in that direction: how well the best unit ranks, free of any threshold."""
+    u = table.best_by_auc()
+    positive = table.direction == "positive" or table.auc_selection[u] >= 0.5
+    a = float(table.auc_evaluation[u])
+    return {"unit": name(u), "evaluation_auc": a if positive else 1 - a,
+            "direction": "positive" if positive else "negative"}
 
 
 def majority_record(labels, split: Split, groups=None, n_boot: int = DEFAULT_BOOTSTRAP,
@@ -427,3 +462,13 @@ def cues_of_dataset(dataset, batch_size: int = 1024) -> dict[str, np.ndarray]:
 def score_cues(cues: dict[str, np.ndarray], labels, split: Split, **kw) -> dict[str, dict]:
     """evaluate() of each cue on its own, with the same protocol as the units (kw: direction, groups, ...)."""
     return {k: evaluate(np.asarray(v)[:, None], labels, split, names=[k], **kw) for k, v in cues.items()}
+
+
+def testset_cue_scores(images: np.ndarray, labels: np.ndarray, identities, seed: int = 0) -> dict:
+    """Held-out scores of the trivial cues (for index.json of a test set) on images (N, H, W, C): {cue: record}."""
+    try:
+        split = split_halves(labels, identities, seed=seed)
+    except GrandmotherError:  # too few identities to split: no held-out score
+        return {}
+    cues = trivial_cues(np.asarray(images).transpose(0, 3, 1, 2))
+    return {k: public(r) for k, r in score_cues(cues, labels, split, groups=identities).items()}

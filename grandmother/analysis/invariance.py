@@ -159,7 +159,7 @@ def parse_range(text: str, flag: str) -> list[float]:
 def run_invariance(run_dir: Path, unit_text: str, images_dir: Path, out_dir: Path, rotations: Path | None = None,
                    scales: list[float] | None = None, shifts: list[float] | None = None, device: str = "cpu",
                    threshold: float | None = None, command: str | None = None) -> dict:
-    from grandmother.training.checkpoint import load_run
+    from grandmother.training.runs import load_run
     unit = Unit.parse(unit_text)
     _, net, meta = load_run(Path(run_dir), device)
     unit.check(net)

@@ -153,7 +153,7 @@ def _open_testset(path):
 
 
 def _best_of_run(run_dir, dataset, labels, testset, device, cache_dir, name, batch_size, progress):
-    from grandmother.training.checkpoint import load_run
+    from grandmother.training.runs import load_run
     cfg, net, meta = load_run(Path(run_dir), device)
     check_fits(net, dataset, testset)
     res = probe_network(net, dataset, labels, device, cache_dir / f"{name}.npz",
@@ -168,7 +168,7 @@ def run_probe(run_dir, testset_dir, out_dir, *, ablation=None, autoencoders=(), 
               on_batch=None, heldout=HeldoutSettings()) -> dict:
     """Probe RUN_DIR on TEST_DIR (or on `dataset`/`labels` given directly) and write OUT_DIR/probe.json.
     `heldout` (None: skip) are the settings of the held-out entry (probe_heldout.py)."""
-    from grandmother.training.checkpoint import load_run
+    from grandmother.training.runs import load_run
     from grandmother.nn.model import build_network
     from grandmother.training.runtime import resolve_device
     out_dir, run_dir = Path(out_dir), Path(run_dir)

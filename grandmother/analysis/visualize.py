@@ -32,7 +32,7 @@ import torch
 
 from grandmother.errors import GrandmotherError
 from grandmother.io import atomic_path, atomic_write_json
-from grandmother.report.plots import NEGATIVE_COLOR, POSITIVE_COLOR, save_histogram
+from grandmother.report.plots import NEGATIVE_COLOR, POSITIVE_COLOR, image_grid, save_histogram
 from grandmother.report.results import result_fields
 from grandmother.analysis.units import Unit, prepared_batches, unit_activation, unit_responses
 
@@ -75,24 +75,6 @@ def save_npy(array: np.ndarray, path: Path) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
-
-
-def image_grid(images: np.ndarray, frames: list[tuple[int, int, int]] | None, cols: int, tile: int) -> np.ndarray:
-    """uint8 (N, C, H, W) images tiled `cols` wide, each upscaled to `tile` px and framed; RGB out."""
-    from PIL import Image
-    n = len(images)
-    rows = max(1, math.ceil(n / cols))
-    border, gap = 3, 2
-    cell = tile + 2 * border + gap
-    canvas = np.full((rows * cell + gap, cols * cell + gap, 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        hwc = np.repeat(img.transpose(1, 2, 0), 3, axis=2) if img.shape[0] == 1 else img.transpose(1, 2, 0)
-        big = np.asarray(Image.fromarray(np.ascontiguousarray(hwc)).resize((tile, tile), Image.NEAREST))
-        r, c = divmod(i, cols)
-        y, x = gap + r * cell, gap + c * cell
-        canvas[y:y + tile + 2 * border, x:x + tile + 2 * border] = frames[i] if frames else (128, 128, 128)
-        canvas[y + border:y + border + tile, x + border:x + border + tile] = big
-    return canvas
 
 
 def _rgb(hex_color: str) -> tuple[int, int, int]:
@@ -202,27 +184,6 @@ def stimulus_picture(x: np.ndarray, min_px: int = 192) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize(size, Image.NEAREST))
 
 
-def first_stage_filters(net, tile: int = 40) -> np.ndarray:
-    """RGB picture of stage 0's filters at 5 locations (centre, then the quadrants' centres).
-
-    Row pairs per location: the encoder vectors (W1 rows) of every map, then the decoder vectors (W2
-    columns); each filter min-max scaled on its own, gray frame = encoder, black frame = decoder.
-    """
-    f = net.stages[0].filter
-    ho, wo = f.out_hw
-    spots = [(ho // 2, wo // 2), (ho // 4, wo // 4), (ho // 4, 3 * wo // 4), (3 * ho // 4, wo // 4),
-             (3 * ho // 4, 3 * wo // 4)]
-    tiles, frames = [], []
-    for i, j in spots:
-        for name, colour in (("encoder", (160, 160, 160)), ("decoder", (0, 0, 0))):
-            w = getattr(f, name)[i, j].detach().float().cpu().numpy()  # (M, C, k, k)
-            lo = w.min(axis=(1, 2, 3), keepdims=True)
-            hi = w.max(axis=(1, 2, 3), keepdims=True)
-            tiles.append(((w - lo) / np.maximum(hi - lo, 1e-12) * 255).round().astype(np.uint8))
-            frames += [colour] * len(w)
-    return image_grid(np.concatenate(tiles), frames, cols=f.maps, tile=tile)
-
-
 # ---------------------------------------------------------------- the whole run (grandmother visualize)
 
 def unit_from_probe(probe_dir: Path) -> tuple[str, float | None, str | None]:
@@ -243,7 +204,7 @@ def run_visualize(run_dir: Path, testset_dir: Path, unit_text: str, out_dir: Pat
                   concept: str | None = None, device: str = "cpu", restarts: int = 4, max_iters: int = 300,
                   radius: float | None = None, seed: int = 0, top: int = 48, batch_size: int = 256,
                   command: str | None = None) -> dict:
-    from grandmother.training.checkpoint import load_run
+    from grandmother.training.runs import load_run
     unit = Unit.parse(unit_text)  # a malformed id fails before any loading
     _, net, meta = load_run(Path(run_dir), device)
     unit.check(net)

@@ -53,7 +53,7 @@ def run_bench_downpour(base, data: Path, replica_counts: list[int], ps_shards: i
     """Train config `base` with --engine local, then Downpour at each replica count; one row per run."""
     import ray
 
-    from grandmother.training.checkpoint import load_run
+    from grandmother.training.runs import load_run
     from grandmother.data.dataset import open_training_data
     from grandmother.distributed.downpour import connect_ray, train_downpour
     from grandmother.training.loop import train

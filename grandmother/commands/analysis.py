@@ -72,7 +72,7 @@ def cmd_invariance(args):
 
 
 def cmd_report(args):
-    from grandmother.report.html import build_report
+    from grandmother.report.page import build_report
     res = build_report(Path(args.run_dir), Path(args.out), args.probe, args.visualize, args.invariance,
                        args.classify, command=command_line())
     found = ", ".join(f"{len(v)} {k}" for k, v in res["found"].items())

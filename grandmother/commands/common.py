@@ -24,7 +24,16 @@ def config_from_args(args, flag_map: dict[str, str]):
         value = getattr(args, attr, None)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
-    return load_config(args.preset, overrides)
+    return checked(load_config(args.preset, overrides))
+
+
+def checked(cfg):
+    """Every check of a config, including those of the layers above config.py (kernel, shapes, partition)."""
+    from grandmother.distributed.parallel.partition import check_partition
+    from grandmother.nn.shapes import check_network
+    check_network(cfg.model)
+    check_partition(cfg)
+    return cfg
 
 
 def command_line() -> str:

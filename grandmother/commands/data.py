@@ -62,11 +62,13 @@ def cmd_filter_faces(args):
 # ---------------------------------------------------------------- testset
 
 def cmd_testset(args):
+    from grandmother.analysis.heldout import testset_cue_scores
     from grandmother.data.testset import build_testset
     index = build_testset(args.positive, args.negative, Path(args.out), positive_fraction=args.positive_fraction,
                           size=args.size, color=args.color, seed=args.seed, count=args.count, group_by=args.group_by,
                           workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
-                          histogram_match=not args.no_histogram_match, negative_crop=args.negative_crop)
+                          histogram_match=not args.no_histogram_match, negative_crop=args.negative_crop,
+                          cue_scorer=testset_cue_scores)
     print(f"{args.out}: {index['images']} images ({index['positives']} positive from "
           f"{len(index['test_identities'])} identities, {index['negatives']} negative), "
           f"{index['size']}x{index['size']} {index['color']}; {len(index['skipped'])} skipped; "

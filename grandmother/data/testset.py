@@ -134,21 +134,12 @@ def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
     return image[y:y + size, x:x + size]
 
 
-def cue_scores(images: np.ndarray, labels: np.ndarray, identities, seed: int = 0) -> dict:
-    """Held-out scores of the trivial cues (heldout.py) on images (N, H, W, C): {cue: record}."""
-    from grandmother.analysis import heldout as H
-    try:
-        split = H.split_halves(labels, identities, seed=seed)
-    except GrandmotherError:  # too few identities to split: no held-out score
-        return {}
-    cues = H.trivial_cues(np.asarray(images).transpose(0, 3, 1, 2))
-    return {k: H.public(r) for k, r in H.score_cues(cues, labels, split, groups=identities).items()}
-
-
 def build_testset(positive: list[str], negative: list[str], out: Path, positive_fraction: float = PAPER_POSITIVE_FRACTION,
                   size: int = 200, color: str = "rgb", seed: int = 0, count: int | None = None,
                   group_by: str = "folder", workers: int = 1, overwrite: bool = False, progress: bool = True,
-                  histogram_match: bool = True, negative_crop: float | None = None) -> dict:
+                  histogram_match: bool = True, negative_crop: float | None = None, cue_scorer=None) -> dict:
+    """Write a labeled test set to `out`. `cue_scorer(images NHWC, labels, identities) -> {cue: record}`
+    (grandmother.analysis.heldout.testset_cue_scores) scores the trivial cues into index.json; None skips it."""
     if color not in COLORS:
         raise GrandmotherError(f"--color {color!r}: choose rgb or gray")
     if size < 8:
@@ -202,7 +193,9 @@ def build_testset(positive: list[str], negative: list[str], out: Path, positive_
     images = images[order]
     items = [items[i] for i in order]
     labels = labels[order]
-    cues = cue_scores(images, labels, [it.get("identity") for it in items]) if 0 < labels.sum() < len(labels) else {}
+    cues = {}
+    if cue_scorer is not None and 0 < labels.sum() < len(labels):
+        cues = cue_scorer(images, labels, [it.get("identity") for it in items])
 
     def extra(work: Path):
         np.save(work / "labels.npy", labels)

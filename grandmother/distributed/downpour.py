@@ -40,7 +40,8 @@ import numpy as np
 import ray
 import torch
 
-from grandmother.training.checkpoint import continue_run, load_checkpoint, model_signature, read_meta, rng_state, save_checkpoint, start_run
+from grandmother.training.checkpoint import load_checkpoint, read_meta, rng_state, save_checkpoint
+from grandmother.training.runs import continue_run, model_signature, start_run
 from grandmother.config import Config, save_config
 from grandmother.distributed.shards import FlatLayout, ParamShard, shard_bounds
 from grandmother.distributed.replica import Replica
@@ -299,6 +300,8 @@ def _train_downpour(cfg, data_path, out_dir, resume, progress, dataset, faults, 
     check_replica_settings(cfg)
     if cfg.train.partition:
         from grandmother.distributed.parallel.downpour_mp import check_partitioned_downpour
+        from grandmother.distributed.parallel.partition import check_partition
+        check_partition(cfg)
         check_partitioned_downpour(cfg)
     if ray.is_initialized():  # a caller's Ray (tests, notebooks): check against what it has
         res = ray.cluster_resources()

@@ -28,6 +28,16 @@ class StageShape:
         return asdict(self)
 
 
+def check_network(model_cfg) -> None:
+    """One-line ConfigError for a network that cannot be built: an unknown kernel, or a stage whose
+    receptive field does not fit its input (names the stage)."""
+    from grandmother.nn.kernels import registered_names
+    if model_cfg.kernel != "auto" and model_cfg.kernel not in registered_names():
+        raise ConfigError(f"model.kernel={model_cfg.kernel!r}: unknown kernel "
+                          f"(available: auto, {', '.join(registered_names())})")
+    stage_shapes(model_cfg)
+
+
 def conv_out(size: int, field: int, stride: int) -> int:
     return (size - field) // stride + 1
 

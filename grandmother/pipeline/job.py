@@ -497,6 +497,7 @@ class Job:
 
     def do_testsets(self, rec) -> dict:
         from grandmother.data.samples import SAMPLE_DIR
+        from grandmother.analysis.heldout import testset_cue_scores
         from grandmother.data.testset import build_testset, open_testset, read_excluded
         out = {}
         excluded = []
@@ -504,7 +505,7 @@ class Job:
             if ts.builtin:
                 root = SAMPLE_DIR / "faces_test"
                 build_testset([str(root / "positive")], [str(root / "negative")], ts.path, size=self.size,
-                              color=self.color, seed=0, overwrite=True, progress=False)
+                              color=self.color, seed=0, overwrite=True, progress=False, cue_scorer=testset_cue_scores)
             _, labels, _ = open_testset(ts.path)
             out[ts.name] = {"path": str(ts.path), "images": int(len(labels)), "positives": int(labels.sum())}
             print(f"      {ts.name}: {int(labels.sum())} positives, {int(len(labels) - labels.sum())} negatives "
@@ -665,7 +666,7 @@ class Job:
         return {}, 1.0, "writing the HTML report"
 
     def do_report(self, rec) -> dict:
-        from grandmother.report.html import build_report
+        from grandmother.report.page import build_report
         names = [t.name for t in self.testsets]
         dirs = lambda kind: [self.out / f"{kind}_{n}" for n in names]
         report = self.out / "report.html"

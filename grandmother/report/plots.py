@@ -5,10 +5,13 @@
     training_curves    the objective and each stage's terms against images seen (grandmother report)
     health_curves      each stage's median encoder/decoder norms and dead units against images seen (report)
     plot_confusions    row-normalised confusion matrices (grandmother classify)
+    image_grid         images tiled and framed (Figure 3's top images; first_stage_filters)
+    first_stage_filters stage 0's encoder and decoder vectors at five locations (report)
 """
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +157,42 @@ def plot_confusions(panels: list[tuple[str, np.ndarray, np.ndarray]], classes: l
                             color="white" if cm[i, j] < 0.6 else "black")
     fig.colorbar(im, ax=list(axes[0]), fraction=0.03, label="fraction of the true class")
     save_figure(fig, path, dpi=130)
+
+
+def image_grid(images: np.ndarray, frames: list[tuple[int, int, int]] | None, cols: int, tile: int) -> np.ndarray:
+    """uint8 (N, C, H, W) images tiled `cols` wide, each upscaled to `tile` px and framed; RGB out."""
+    from PIL import Image
+    n = len(images)
+    rows = max(1, math.ceil(n / cols))
+    border, gap = 3, 2
+    cell = tile + 2 * border + gap
+    canvas = np.full((rows * cell + gap, cols * cell + gap, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        hwc = np.repeat(img.transpose(1, 2, 0), 3, axis=2) if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        big = np.asarray(Image.fromarray(np.ascontiguousarray(hwc)).resize((tile, tile), Image.NEAREST))
+        r, c = divmod(i, cols)
+        y, x = gap + r * cell, gap + c * cell
+        canvas[y:y + tile + 2 * border, x:x + tile + 2 * border] = frames[i] if frames else (128, 128, 128)
+        canvas[y + border:y + border + tile, x + border:x + border + tile] = big
+    return canvas
+
+
+def first_stage_filters(net, tile: int = 40) -> np.ndarray:
+    """RGB picture of stage 0's filters at 5 locations (centre, then the quadrants' centres).
+
+    Row pairs per location: the encoder vectors (W1 rows) of every map, then the decoder vectors (W2
+    columns); each filter min-max scaled on its own, gray frame = encoder, black frame = decoder.
+    """
+    f = net.stages[0].filter
+    ho, wo = f.out_hw
+    spots = [(ho // 2, wo // 2), (ho // 4, wo // 4), (ho // 4, 3 * wo // 4), (3 * ho // 4, wo // 4),
+             (3 * ho // 4, 3 * wo // 4)]
+    tiles, frames = [], []
+    for i, j in spots:
+        for name, colour in (("encoder", (160, 160, 160)), ("decoder", (0, 0, 0))):
+            w = getattr(f, name)[i, j].detach().float().cpu().numpy()  # (M, C, k, k)
+            lo = w.min(axis=(1, 2, 3), keepdims=True)
+            hi = w.max(axis=(1, 2, 3), keepdims=True)
+            tiles.append(((w - lo) / np.maximum(hi - lo, 1e-12) * 255).round().astype(np.uint8))
+            frames += [colour] * len(w)
+    return image_grid(np.concatenate(tiles), frames, cols=f.maps, tile=tile)

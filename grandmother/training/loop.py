@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from grandmother.training.checkpoint import (continue_run, load_checkpoint, model_signature, rng_state, save_checkpoint, set_rng_state,
-                         start_run)
+from grandmother.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from grandmother.training.runs import continue_run, model_signature, start_run
 from grandmother.config import Config, save_config
 from grandmother.data.dataset import BatchOrder, load_batches
 from grandmother.errors import GrandmotherError

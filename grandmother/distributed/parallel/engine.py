@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from grandmother.training.checkpoint import (continue_run, latest_checkpoint, load_checkpoint, model_signature, read_meta, rng_state,
-                          save_checkpoint, start_run)
+from grandmother.training.checkpoint import latest_checkpoint, load_checkpoint, read_meta, rng_state, save_checkpoint
+from grandmother.training.runs import continue_run, model_signature, start_run
 from grandmother.config import Config, save_config
 from grandmother.data.dataset import BatchOrder
 from grandmother.errors import GrandmotherError

@@ -233,3 +233,9 @@ def exchange(owns, needs, rank: int, label: str) -> Exchange:
 def halo_elements(owns, needs) -> list[int]:
     """Per worker: locations (rows x columns) it sends in one gather of this layer."""
     return [sum(r.area for _, r in exchange(owns, needs, k, "").sends) for k in range(len(owns))]
+
+
+def check_partition(cfg) -> None:
+    """One-line ConfigError when train.partition cannot split this network (a no-op without one)."""
+    if cfg.train.partition:
+        plan_stages(cfg.model, Partition.parse(cfg.train.partition))

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import evaluate as ev  # noqa: E402
-from grandmother import heldout  # noqa: E402
+from grandmother.analysis import heldout  # noqa: E402
 from recipes import RECIPES, config_for  # noqa: E402
 
 DATA = ROOT / "runs" / "data"

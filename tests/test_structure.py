@@ -205,3 +205,9 @@ def test_experiments_define_no_scoring_function_of_their_own():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and scoring.search(node.name):
                 found.append(f"{path.name}:{node.lineno} {node.name}")
     assert not found, found
+
+
+def test_no_module_is_over_500_lines():
+    long = sorted(f"{p.relative_to(PACKAGE.parent)}: {n}" for p in PACKAGE.rglob("*.py")
+                  if (n := len(p.read_text().splitlines())) > 500)
+    assert not long, f"modules over 500 lines (split them by concern): {long}"

@@ -86,6 +86,9 @@ def test_no_environment_and_other_devices_skip_with_the_way_to_install(tmp_path,
     record = _keras_rows(SHAPES, torch.device("cpu"), 2, 1, 1 << 30, 1.0, out)
     assert out == [] and "absent" in record["skipped"] and "scripts/keras_peer.sh" in record["skipped"]
     assert format_peers(out, [], record).splitlines()[-1] == f"Keras peer skipped: {record['skipped']}"
+    monkeypatch.setenv(keras_peer.PYTHON_ENV, "none")
+    assert _keras_rows(SHAPES, torch.device("cpu"), 2, 1, 1 << 30, 1.0, out) == {
+        "skipped": "turned off (GRANDMOTHER_KERAS_PYTHON=none)"} and out == []
     monkeypatch.delenv(keras_peer.PYTHON_ENV)
     record = _keras_rows(SHAPES, torch.device("meta"), 2, 1, 1 << 30, 1.0, out)
     assert out == [] and record == {"skipped": "the Keras peer runs on the CPU only, not on meta"}

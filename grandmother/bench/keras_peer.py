@@ -2,10 +2,10 @@
 
 grandmother never imports TensorFlow. scripts/keras_peer.sh builds a virtual environment (KERAS_VENV, under
 the checkout) holding tensorflow-cpu and tf_keras; the bench runs scripts/keras_peer.py with that
-environment's Python (or the one GRANDMOTHER_KERAS_PYTHON names), sends it the stage shapes as JSON on
-stdin and reads one JSON object back (the runner's docstring has both formats). Where the environment or
-the runner is absent, or the runner fails, the peer is skipped with one line saying why and how to
-install it; the rest of the bench goes on. CPU only.
+environment's Python (or the one GRANDMOTHER_KERAS_PYTHON names; "none" turns the peer off), sends it
+the stage shapes as JSON on stdin and reads one JSON object back (the runner's docstring has both).
+Where the environment or the runner is absent, or the runner fails, the peer is skipped with one line
+saying why and how to install it; the rest of the bench goes on. CPU only.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def impl_name(implementation: int) -> str:
 def keras_python() -> Path:
     """The Python of the Keras environment; GrandmotherError (one line, with the way to install) if absent."""
     named = os.environ.get(PYTHON_ENV)
+    if named == "none":
+        raise GrandmotherError(f"turned off ({PYTHON_ENV}=none)")
     python = Path(named) if named else ROOT / KERAS_VENV / "bin" / "python"
     how = f"build it with scripts/keras_peer.sh (or set {PYTHON_ENV} to a Python with tf_keras)"
     if not python.is_file():

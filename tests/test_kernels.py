@@ -89,13 +89,20 @@ def test_whole_network_gradients_equal_reference(kernel, tied):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_bench_runs_on_a_tiny_shape(capsys):
-    """CI-sized bench (with --peers): every kernel, every step kind, sane numbers; timings are not asserted."""
+def test_bench_runs_on_a_tiny_shape(capsys, monkeypatch, tmp_path):
+    """CI-sized bench (with --peers): every kernel, every step kind, sane numbers; timings are not asserted.
+    Without the Keras environment (pointed at a missing one here) that peer is skipped in one line, and the
+    rest runs (the Keras peer's own tests: tests/test_bench.py)."""
+    monkeypatch.setenv("GRANDMOTHER_KERAS_PYTHON", str(tmp_path / "no-keras" / "python"))
     tiny = ["--set", "model.image_size=16", "--set", "model.stages.*.receptive_field=4",
             "--set", "model.stages.*.maps=2", "--set", "model.stages.*.pool_size=2",
             "--set", "model.stages.*.lcn_size=3"]
     assert cli(["bench", "--preset", "small", "--batch-size", "4", "--repeats", "1", "--json", "--peers", *tiny]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    skip = [line for line in captured.err.splitlines() if "Keras" in line]
+    assert len(skip) == 1 and "no-keras" in skip[0] and "scripts/keras_peer.sh" in skip[0], captured.err
+    assert "no-keras" in out["keras_peer"]["skipped"]
     # --peers: one layer per stage for every kernel, the unfold peer and conv2d
     assert {(r["stage"], r["impl"]) for r in out["peers"]} == {
         (s, i) for s in range(3) for i in [*kernel_names("cpu"), "unfold", "conv2d"]}
@@ -112,6 +119,9 @@ def test_bench_runs_on_a_tiny_shape(capsys):
     table = capsys.readouterr().out
     assert "of matmul" in table and "tiled" in table and "locally connected maps skipped" in table
     assert "best/unfold" in table and "conv2d" in table
+    assert [line for line in table.splitlines() if "Keras" in line and "skipped" in line] == [
+        f"Keras peer skipped: {out['keras_peer']['skipped']}"]
+    assert "keras-i2" not in table and "best/keras" not in table
 
 
 def test_unfold_peer_computes_the_layer():

@@ -9,7 +9,7 @@ yardsticks are a large float32 matmul and a large copy timed in the same run, so
 is comparable across noisy or shared machines.
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS (VmHWM, reset
 through /proc/self/clear_refs before each measurement), which includes parameters and optimizer state.
-With peers=True (`--peers`), also one layer per stage shape against peers: see grandmother/bench_peers.py.
+With peers=True (`--peers`), also one layer per stage shape against peers: see grandmother/bench/peers.py.
 """
 from __future__ import annotations
 
@@ -170,9 +170,10 @@ def run_bench(cfg, device: torch.device, batch_size: int, kernels: list[str] | N
         st.filter.encode, st.filter.decode = _skipped_lc(st.filter, "encode"), _skipped_lc(st.filter, "decode")
     rest = _time(train, device, repeats)
     extra = {}
-    if peers:  # one layer per stage shape against the unfold pattern and conv2d (grandmother/bench_peers.py)
+    if peers:  # one layer per stage shape against the unfold pattern and conv2d (grandmother/bench/peers.py)
         from grandmother.bench.peers import run_peers
-        extra["peers"] = run_peers(cfg, device, batch_size, names, mm, lambda fn: _time(fn, device, repeats), have)
+        extra["peers"], extra["keras_peer"] = run_peers(cfg, device, batch_size, names, mm,
+                                                        lambda fn: _time(fn, device, repeats), have, repeats)
     return {**extra, "preset": cfg.preset, "device": device_name(device), "batch_size": batch_size,
             "matmul_gflops": mm, "copy_gbs": bw, "memory_estimate_bytes": memory_estimate(cfg, batch_size, workspace[names[0]]),
             "rows": rows, "rest_of_train_step_seconds": rest,
@@ -276,7 +277,8 @@ def format_table(result: dict) -> str:
     if "peers" in result:
         from grandmother.bench.peers import format_peers
         lines.append(format_peers(result["peers"], sorted({r["impl"] for r in result["rows"]},
-                                                          key=[r["impl"] for r in result["rows"]].index)))
+                                                          key=[r["impl"] for r in result["rows"]].index),
+                                  result.get("keras_peer")))
     est = result["memory_estimate_bytes"]
     lines.append(f"training-step memory estimate ({result['rows'][0]['impl'] if result['rows'] else '?'}): " + ", ".join(
         f"{k} {v / 2**30:.2f} GiB" for k, v in est.items()))

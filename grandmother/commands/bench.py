@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from grandmother.config import ConfigError
@@ -37,7 +38,13 @@ def cmd_bench(args) -> int:
                                    f"(available: {', '.join(known)})")
         kernels = args.kernel
     result = run_bench(cfg, device, batch, kernels, repeats=args.repeats, peers=args.peers)
-    print(json.dumps(result) if args.json else format_table(result))
+    if args.json:
+        if "skipped" in result.get("keras_peer", {}):  # the table says it; with --json, one line on stderr
+            from grandmother.bench.peers import keras_line
+            print(f"grandmother: {keras_line(result['keras_peer'])}", file=sys.stderr)
+        print(json.dumps(result))
+    else:
+        print(format_table(result))
     return 0
 
 
@@ -73,7 +80,8 @@ def register(sub):
     p.add_argument("--tf32", action="store_true", help="allow tf32 matmuls on CUDA")
     p.add_argument("--peers", action="store_true",
                    help="also time one locally connected layer per stage shape against a plain PyTorch unfold "
-                        "layer and conv2d of the same shape")
+                        "layer, conv2d of the same shape and (where scripts/keras_peer.sh built its environment) "
+                        "Keras 2's LocallyConnected2D")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

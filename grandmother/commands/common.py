@@ -19,11 +19,12 @@ def add_config_arguments(p, preset_default="small"):
 
 def add_rebalance_arguments(p, default: float | None):
     """--max-face-fraction / --face-paths / --rebalance-seed (grandmother/data/rebalance.py), for ingest and run."""
+    from grandmother.data.rebalance import DETECT_MAX_SIDE
     p.add_argument("--max-face-fraction", type=float, default=default, metavar="F",
-                   help="keep every non-face image and a seeded subset of the faces, so that faces are at most F "
-                        "of the images (faces found by OpenCV's face detector on each source image, its long "
-                        "side reduced to at most 250 px; 1 = off; default: " + ("off" if default is None else
-                                                                              "%(default)s") + ")")
+                   help=f"keep every non-face image and a seeded subset of the faces, so that faces are at most F "
+                        f"of the images (faces found by OpenCV's face detector on each source image, its long "
+                        f"side reduced to at most {DETECT_MAX_SIDE} px; 1 = off; default: "
+                        + ("off" if default is None else "%(default)s") + ")")
     p.add_argument("--face-paths", action="append", default=[], metavar="GLOB",
                    help="the images whose path matches GLOB are the faces, no detector (repeatable; `*` also "
                         "matches /, e.g. '*/faces/*')")

@@ -128,3 +128,47 @@ def truncate_jsonl(path: Path, max_step: int, key: str = "step") -> int:
     if dropped:
         atomic_write_text(path, "".join(f"{line}\n" for line in kept))
     return dropped
+
+
+# ---------------------------------------------------------------- lists of paths (excluded.txt)
+
+def _needs_quoting(name: str) -> bool:
+    """A name that a plain line would not carry: a control character (a newline would split it in two), a
+    leading or trailing space (readers strip lines), or a leading quote or # (read as JSON or a comment)."""
+    return (name != name.strip() or name.startswith(('"', "#"))
+            or any(ord(c) < 32 or ord(c) == 127 for c in name))
+
+
+def path_line(name: str) -> bytes:
+    """One line of a path list: the name's own bytes (os.fsencode; names need not be UTF-8), or, for a name
+    that needs it (`_needs_quoting`), the name as one JSON string (non-UTF-8 bytes as \\udcXX escapes)."""
+    if _needs_quoting(name):
+        return json.dumps(name).encode("ascii") + b"\n"
+    return os.fsencode(name) + b"\n"
+
+
+def write_path_list(path: Path, names) -> None:
+    """A path list (one name a line, `path_line`), written atomically."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(b"".join(path_line(n) for n in names))
+
+
+def read_path_list(path: Path) -> list[str]:
+    """The names of a path list: lines that start with a double quote are JSON strings; other lines are
+    names as they are (stripped; what older versions wrote, and hand-written lists); blank lines and lines
+    starting with # are skipped. Names that are not UTF-8 come back as os.fsdecode gives them."""
+    names = []
+    for raw in Path(path).read_bytes().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        if line.startswith(b'"'):
+            try:
+                name = json.loads(line.decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                name = None
+            if isinstance(name, str):
+                names.append(name)
+                continue
+        names.append(os.fsdecode(line))
+    return names

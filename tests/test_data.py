@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -439,3 +440,128 @@ def test_no_test_image_or_test_person_enters_training(tmp_path):
            progress=False)
     leaks = find_leaks(t, tmp_path / "copied")
     assert not leaks["files"] and not leaks["persons"] and [Path(p).name for p in leaks["pixels"]] == ["renamed.jpg"]
+
+
+# ---------------------------------------------------------------- rebalancing the face fraction (issue 20)
+
+def faces_folder(root: Path, faces: int, others: int) -> Path:
+    """SRC with `others` images under others/ and `faces` under faces/ (some in a subfolder), all distinct."""
+    from conftest import make_images
+    make_images(root / "others", n=others, size=24, seed=1)
+    make_images(root / "faces", n=faces - faces // 2, size=24, seed=2)
+    make_images(root / "faces" / "more", n=faces // 2, size=24, seed=3)
+    return root
+
+
+def expected_faces_kept(face_paths: list[str], others: int, fraction: float, seed: int) -> set[str]:
+    """The rule, written out: faces sorted as strings, a seeded permutation, the first floor(...) of it."""
+    faces = np.array(sorted(face_paths))
+    keep = int(np.floor(others * fraction / (1 - fraction) + 1e-9))
+    order = np.random.default_rng(seed).permutation(len(faces))
+    return set(faces[order[:keep]].tolist())
+
+
+def test_rebalance_by_path_keeps_every_non_face_and_the_seeded_share(tmp_path, capsys):
+    src = faces_folder(tmp_path / "src", faces=20, others=30)
+    argv = ["ingest", str(src), "--size", "32", "--color", "gray", "--shard-size", "16", "--workers", "1",
+            "--quiet", "--face-paths", "*/faces/*", "--max-face-fraction", "0.25", "--rebalance-seed", "3"]
+    assert cli_main([*argv, "--out", str(tmp_path / "d")]) == 0
+    printed = capsys.readouterr().out
+    assert "faces (by path): 20 of 50 images (40.0%) before, 10 of 40 (25.0%) after" in printed
+    ds = open_dataset(tmp_path / "d")
+    paths = [it["path"] for it in ds.items()]
+    faces = [str(p) for p in sorted((src / "faces").rglob("*.png"))]
+    others = {str(p) for p in (src / "others").glob("*.png")}
+    kept = expected_faces_kept(faces, 30, 0.25, seed=3)
+    assert len(kept) == 10 and set(paths) == others | kept and len(paths) == 40
+    assert all(it["face"] == (it["path"] in kept) for it in ds.items())
+    # the pixels: each kept image equals the same file in a plain ingest of the same folder
+    plain = ingest([str(src)], tmp_path / "plain", size=32, color="gray", workers=1, shard_size=16, progress=False)
+    assert plain["images"] == 50 and "rebalance" not in plain
+    pds = open_dataset(tmp_path / "plain")
+    where = {it["path"]: i for i, it in enumerate(pds.items())}
+    assert np.array_equal(all_images(ds), pds.get_array([where[p] for p in paths]))
+    index = json.loads((tmp_path / "d" / "index.json").read_text())
+    assert index["images"] == 40 and sum(s["images"] for s in index["shards"]) == 40
+    rb = index["rebalance"]
+    assert rb["method"] == "paths" and rb["face_paths"] == ["*/faces/*"] and rb["seed"] == 3
+    assert rb["before"] == {"images": 50, "faces": 20, "fraction": 0.4}
+    assert rb["after"] == {"images": 40, "faces": 10, "fraction": 0.25} and rb["removed"] == 10
+    assert not rb["fewer_faces_than_target"]
+    assert not list(tmp_path.glob("*.partial"))
+    # the same command again: already complete; another seed keeps another share of the same size
+    assert cli_main([*argv, "--out", str(tmp_path / "d")]) == 0 and "already complete" in capsys.readouterr().out
+    argv[argv.index("--rebalance-seed") + 1] = "4"
+    assert cli_main([*argv, "--out", str(tmp_path / "d4")]) == 0
+    paths4 = {it["path"] for it in open_dataset(tmp_path / "d4").items()}
+    assert paths4 == others | expected_faces_kept(faces, 30, 0.25, seed=4) and paths4 != set(paths)
+
+
+def test_rebalance_with_fewer_faces_than_the_target_removes_nothing(tmp_path, capsys):
+    from grandmother.data.rebalance import Rebalance
+    src = faces_folder(tmp_path / "src", faces=4, others=30)
+    index = ingest([str(src)], tmp_path / "d", size=32, color="gray", workers=1, progress=False,
+                   rebalance=Rebalance.from_flags(0.2, ["*/faces/*"]))  # 30 others allow 7 faces
+    assert index["images"] == 34
+    rb = json.loads((tmp_path / "d" / "index.json").read_text())["rebalance"]
+    assert rb["fewer_faces_than_target"] and rb["removed"] == 0
+    assert rb["before"] == rb["after"] == {"images": 34, "faces": 4, "fraction": 4 / 34}
+    assert cli_main(["ingest", str(src), "--out", str(tmp_path / "e"), "--size", "32", "--quiet", "--workers", "1",
+                     "--max-face-fraction", "0.2", "--face-paths", "*/faces/*"]) == 0
+    assert "faces (by path): 4 of 34 images (11.8%), no more than --max-face-fraction 0.2 allows: nothing removed" \
+        in capsys.readouterr().out
+
+
+def test_rebalance_rule_and_settings():
+    from grandmother.data.rebalance import Rebalance, choose, faces_to_keep
+    # the experiments' arithmetic: others * pct // (100 - pct), where floating point alone would miss by one
+    for others in range(1, 3000, 7):
+        for pct in (1, 3, 10, 20, 30):
+            assert faces_to_keep(10**6, others, pct / 100) == others * pct // (100 - pct)
+    # faces sorted by path (a video's frames by frame number), whatever the order of the items
+    items = [{"path": p} for p in ("b/f3", "z/o1", "a/f1", "b/f2", "y/o2")] + [{"path": "v.mp4", "frame": 9},
+                                                                              {"path": "v.mp4", "frame": 2}]
+    is_face = [True, False, True, True, False, True, True]
+    keep, summary = choose(items, is_face, Rebalance.from_flags(0.5, ["x"], seed=7))
+    faces = [("a/f1", -1), ("b/f2", -1), ("b/f3", -1), ("v.mp4", 2), ("v.mp4", 9)]
+    order = np.random.default_rng(7).permutation(5)
+    kept = {faces[i] for i in order[:2]}
+    assert {(it["path"], it.get("frame", -1)) for it, k in zip(items, keep) if k} == kept | {("z/o1", -1), ("y/o2", -1)}
+    assert summary["after"] == {"images": 4, "faces": 2, "fraction": 0.5}
+    keep, summary = choose(items, is_face, Rebalance.from_flags(0.0, ["x"]))  # 0: every face goes
+    assert keep == [not f for f in is_face] and summary["after"]["faces"] == 0
+    assert not Rebalance.from_flags(1).active and not Rebalance.from_flags(None).active
+    assert Rebalance.from_flags(0.1).detect and not Rebalance.from_flags(0.1, ["*/faces/*"]).detect
+    for args, needle in [((1.5,), "--max-face-fraction 1.5"), ((float("nan"),), "--max-face-fraction nan"),
+                         ((1, ["*/f/*"]), "--face-paths */f/*: marks faces"), ((0.1, (), -1), "--rebalance-seed -1")]:
+        with pytest.raises(GrandmotherError, match=re.escape(needle)):
+            Rebalance.from_flags(*args)
+
+
+def test_rebalance_detects_faces_on_the_source_image_before_it_is_shrunk(tmp_path):
+    """The in-package LFW faces are 64x64: OpenCV's cascade finds each of them there, and none once they are
+    shrunk to 32x32, the size ingested; rebalancing sees them all because it looks before the shrinking."""
+    import shutil
+    from grandmother.data.faces import count_faces, load_cascade
+    from grandmother.data.rebalance import Rebalance
+    from grandmother.data.samples import SAMPLE_DIR
+    src = tmp_path / "src"
+    faces = sorted((SAMPLE_DIR / "train" / "faces_lfw").iterdir())[:8]
+    objects = sorted((SAMPLE_DIR / "train" / "objects").iterdir())[:12]
+    for folder, files in (("a", faces), ("b", objects)):
+        (src / folder).mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, src / folder / f.name)
+    index = ingest([str(src)], tmp_path / "d", size=32, color="gray", workers=2, progress=False,
+                   rebalance=Rebalance.from_flags(0.2))
+    rb = index["rebalance"]
+    assert rb["method"] == "detector" and rb["detect_max_side"] == 250
+    assert rb["before"]["faces"] == 8 and rb["after"]["faces"] == 3 and index["images"] == 15  # 12 * 0.25 = 3
+    ds = open_dataset(tmp_path / "d")
+    items = ds.items()
+    assert all(it["face"] == ("/a/" in it["path"]) for it in items)
+    kept = expected_faces_kept([str(src / "a" / f.name) for f in faces], 12, 0.2, seed=0)
+    assert {it["path"] for it in items if it["face"]} == kept
+    det = load_cascade()
+    shrunk = ds.get_array([i for i, it in enumerate(items) if it["face"]])
+    assert sum(count_faces(det, img) for img in shrunk) == 0  # at 32x32 the cascade sees none of them

@@ -29,6 +29,7 @@ from grandmother.training.checkpoint import (CKPT_DIR, LEGACY_STATE, STATE_JSON,
                                     load_checkpoint, load_weights, pack_state, read_meta, rng_state, unpack_state)
 from grandmother.commands import main as cli
 from grandmother.config import load_config
+from grandmother.data.dataset import open_dataset
 from grandmother.errors import GrandmotherError
 from grandmother.training.loop import train
 
@@ -760,3 +761,185 @@ def test_ingest_lists_links_it_cannot_follow_and_says_why_a_read_failed(tmp_path
     assert set(skipped) == {"loop.png", "dangling.png", "mem.png", "empty.png"}, skipped
     assert "loop" in skipped["loop.png"] and "dangling" in skipped["dangling.png"]
     assert "empty" in skipped["empty.png"] and "empty" not in skipped["mem.png"]
+
+
+# ================================================================ run, ingest and testset (issue 23)
+
+RUN_TINY = ["model.stages.*.maps=2", "train.batch_size=20"]  # the small preset's 32x32 shape, 2 maps a stage
+
+
+def first_stages(src, out, testset, **options):
+    """A `grandmother run` job through its testsets and ingest stages (the rest is the trainer's and probe's)."""
+    from grandmother.pipeline.job import Job
+    job = Job([src], out, overrides=RUN_TINY, steps=1, testsets=[testset], workers=1, progress=False,
+              max_face_fraction=1, **options)
+    job.start()
+    for name in ("testsets", "ingest"):
+        job.run_stage(job.stage(name))
+    return json.loads((out / "run.json").read_text())
+
+
+def links_folder(tmp_path) -> Path:
+    """24 images, a dangling link, a link loop, a linked folder of 4 more images outside it, and a link back
+    to the folder itself from a subfolder (a folder loop)."""
+    src = make_images(tmp_path / "src", n=24, size=40)
+    (src / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (src / "loop.png").symlink_to("loop.png")
+    (src / "linked").symlink_to(make_images(tmp_path / "elsewhere", n=4, size=40, seed=5), target_is_directory=True)
+    (src / "sub").mkdir()
+    (src / "sub" / "back").symlink_to(src, target_is_directory=True)
+    return src
+
+
+def test_ingest_follows_linked_folders_and_lists_a_folder_loop(tmp_path):
+    src = links_folder(tmp_path)
+    r = grandmother("ingest", src, "--size", "32", "--out", tmp_path / "data", "--workers", "1", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    index = json.loads((tmp_path / "data" / "index.json").read_text())
+    skipped = {Path(s["path"]).name: s["reason"] for s in index["skipped"]}
+    assert set(skipped) == {"dangling.png", "loop.png", "back"}, skipped
+    assert "folder" in skipped["back"] and "loop" in skipped["back"]
+    names = [it["path"] for it in open_dataset(tmp_path / "data").items()]
+    assert index["images"] == 28 and sum("/linked/" in p for p in names) == 4  # the linked folder, followed
+
+
+def test_run_skips_and_lists_links_it_cannot_follow(tmp_path, capsys):
+    from test_visualize import make_testset
+    src = links_folder(tmp_path)
+    (tmp_path / "ts").mkdir()
+    rec = first_stages(src, tmp_path / "job", make_testset(tmp_path / "ts", size=32))
+    result = rec["stages"]["ingest"]["result"]
+    assert result["images"] == 28 and result["skipped"] == 3
+    assert "3 unreadable file(s) skipped" in capsys.readouterr().out
+    files = rec["stages"]["ingest"]["inputs"]["sources"]["files"]
+    assert str(tmp_path / "nowhere.png") in files and str(src / "loop.png") in files  # fingerprinted by the link
+
+
+@pytest.fixture(scope="module")
+def run_inputs(tmp_path_factory):
+    """24 training images and a 32x32 test set, for `grandmother run` jobs."""
+    from test_visualize import make_testset
+    tmp = tmp_path_factory.mktemp("run_inputs")
+    (tmp / "ts").mkdir()
+    return make_images(tmp / "src", n=24, size=40), make_testset(tmp / "ts", size=32)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("[1, 2]", "damaged (a JSON array, not an object)"),
+    ('{"format": "grandmother-run/1", "stages": {"ingest": "done"}}', 'damaged (stage "ingest" is a JSON string'),
+    ('{"format": "grandmother-run/1", "stages": []}', 'damaged ("stages" is a JSON array'),
+    ('{"format": "grandmother-run/1", "stages": {"train": {"status": "done", "steps": "7"}}}', '"steps" is a JSON string'),
+    ("{not json", "damaged (unreadable"),
+], ids=["array", "stage-string", "stages-array", "steps-string", "not-json"])
+def test_malformed_run_json_is_one_line(run_inputs, tmp_path, capsys, content, needle):
+    src, ts = run_inputs
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "run.json").write_text(content)
+    err = one_line_error(capsys, ["run", src, "--out", tmp_path / "job", "--testset", ts, "--steps", "1",
+                                  *sum((["--set", o] for o in RUN_TINY), [])])
+    assert needle in err and "re-run with --restart-from testsets to start this job over" in err, err
+
+
+def test_the_hint_for_a_damaged_run_json_works(run_inputs, tmp_path, capsys):
+    """--restart-from testsets starts the job over in the same folder (moving run.json away would leave a
+    folder that is no `grandmother run` folder)."""
+    from grandmother.pipeline.job import Job
+    src, ts = run_inputs
+    out = tmp_path / "job"
+    (out / "data").mkdir(parents=True)  # what an earlier run left
+    (out / "run.json").write_text('{"format": "grandmother-run/1", "stages": {"ingest": "done"}}')
+    job = Job([src], out, overrides=RUN_TINY, steps=1, testsets=[ts], workers=1, progress=False,
+              restart_from="testsets")
+    job.start()
+    job.run_stage(job.stage("testsets"))
+    assert "damaged (stage \"ingest\" is a JSON string, not an object); --restart-from testsets: starting the job " \
+           "over" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["stages"]["testsets"]["status"] == "done"
+    assert not (out / "data").exists()
+
+
+def test_disk_full_during_ingest_says_no_space_left(small_tmpfs, tmp_path, capsys):
+    src = make_images(tmp_path / "src", n=120, size=20)  # 120 x 128x128x3 bytes: more than the 4 MB there
+    out = small_tmpfs / "data"
+    err = one_line_error(capsys, ["ingest", src, "--size", "128", "--out", out, "--workers", "1", "--quiet"])
+    assert "No space left on device" in err and str(out) in err and "requested" not in err, err
+    assert not [p for p in (small_tmpfs / "data.partial").iterdir() if p.name.startswith(".")]  # no temporary file
+
+
+HUGE = """
+import resource, sys
+from grandmother.commands import main
+from grandmother.data import ingest
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rc = main(sys.argv[1:])
+print("PEAK_GROWTH_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+sys.exit(rc)
+"""
+
+
+def test_huge_images_are_decoded_reduced_without_pils_warning(tmp_path):
+    """95 megapixels, above PIL's 89-megapixel warning: the JPEG is decoded at 1/8 scale (a few MB, where a
+    whole decode takes 95 MB even in gray), the PNG (which cannot be decoded reduced) is skipped with a
+    one-line reason, and PIL's DecompressionBombWarning is never printed."""
+    src = make_images(tmp_path / "src", n=3, size=40)
+    Image.new("L", (10000, 9500), 128).save(src / "huge.jpg", quality=50)
+    Image.new("L", (10000, 9500), 128).save(src / "huge.png")
+    r = subprocess.run([sys.executable, "-c", HUGE, "ingest", str(src), "--size", "32", "--workers", "1",
+                        "--out", str(tmp_path / "d"), "--quiet"], env=ENV, cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "DecompressionBomb" not in r.stderr + r.stdout, r.stderr
+    index = json.loads((tmp_path / "d" / "index.json").read_text())
+    assert index["images"] == 4 and [Path(s["path"]).name for s in index["skipped"]] == ["huge.png"]
+    reason = index["skipped"][0]["reason"]
+    assert "10000x9500 = 95 megapixels, over the 89-megapixel limit" in reason and "\n" not in reason
+    growth_kb = int(r.stdout.split("PEAK_GROWTH_KB")[1].split()[0])
+    assert growth_kb < 50_000, growth_kb
+
+
+def test_testset_counts_no_identity_for_a_skipped_file(tmp_path, capsys):
+    pos, neg = tmp_path / "pos", make_images(tmp_path / "neg", n=6, seed=1)
+    make_images(pos / "alice", n=2)
+    (pos / "bob").mkdir()
+    (pos / "bob" / "b0.png").write_bytes(b"not an image")
+    out = tmp_path / "ts"
+    assert cli(["testset", "--positive", str(pos), "--negative", str(neg), "--size", "16", "--color", "gray",
+                "--out", str(out), "--quiet"]) == 0
+    assert "2 positive from 1 identities" in capsys.readouterr().out
+    index = json.loads((out / "index.json").read_text())
+    assert index["test_identities"] == ["0:alice"] and [Path(s["path"]).name for s in index["skipped"]] == ["b0.png"]
+    assert str(pos / "bob" / "b0.png") in (out / "excluded.txt").read_text()  # still kept out of training
+
+
+def test_object_array_labels_are_one_line_and_never_unpickled(world, tmp_path, capsys):
+    ts = tmp_path / "ts"
+    shutil.copytree(world["testset"], ts)
+    marker = tmp_path / "EXECUTED"
+    labels = np.empty(len(np.load(ts / "labels.npy")), dtype=object)
+    labels[:] = [CreatesFile(marker)] * len(labels)
+    np.save(ts / "labels.npy", labels, allow_pickle=True)
+    err = one_line_error(capsys, ["probe", world["run"], "--testset", ts, "--out", tmp_path / "p",
+                                  "--linear-filters", "0"])
+    assert "labels.npy: not a label array" in err and "allow_pickle" in err, err
+    assert not marker.exists()
+
+
+def test_a_test_file_named_with_a_newline_stays_out_of_training(tmp_path, capsys):
+    from grandmother.data.testset import read_excluded
+    pos, neg = tmp_path / "pos", make_images(tmp_path / "neg", n=6, seed=1)
+    person = make_images(pos / "person", n=3)
+    evil = person / "img_000.png\nimg_001.png"  # one file; a plain line list would read two names
+    (person / "img_000.png").rename(evil)
+    out = tmp_path / "ts"
+    assert cli(["testset", "--positive", str(pos), "--negative", str(neg), "--size", "16", "--color", "gray",
+                "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    assert str(evil) in read_excluded(out / "excluded.txt")
+    assert json.dumps(str(evil)).encode() + b"\n" in (out / "excluded.txt").read_bytes()
+    assert cli(["ingest", str(pos), str(neg), "--size", "32", "--out", str(tmp_path / "d"), "--workers", "1",
+                "--quiet", "--exclude", str(out / "excluded.txt")]) == 0, capsys.readouterr().err
+    assert not any("\n" in it["path"] for it in open_dataset(tmp_path / "d").items())
+    excluded = json.loads((out / "index.json").read_text())["excluded_count"]
+    assert json.loads((tmp_path / "d" / "index.json").read_text())["excluded"] == excluded == 8  # 3 + 5 negatives
+    # a list in the older format (one plain line a name) is still read
+    (tmp_path / "old.txt").write_bytes(b"/a/b.png\n\n# a comment\n/c/d e.png \n")
+    assert read_excluded(tmp_path / "old.txt") == ["/a/b.png", "/c/d e.png"]

@@ -121,3 +121,28 @@ def test_report_heldout_tables(tmp_path):
     assert "<td>95.0</td>" in page  # the paper's same-set number beside
     assert "stage 0 (all)" in page and "stage 0 lcn" in page and "0.810 negative" in page
     assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt;persons" in page
+
+
+def test_report_shows_the_face_fraction_of_the_training_data_before_and_after_rebalancing(tmp_path):
+    cfg = one_stage_config(size=16, channels=1, field=5, maps=2)
+    pages = {}
+    for name, rebalance in [
+        ("cut", {"method": "detector", "max_face_fraction": 0.1, "seed": 0, "fewer_faces_than_target": False,
+                 "before": {"images": 1980, "faces": 354, "fraction": 354 / 1980},
+                 "after": {"images": 1806, "faces": 180, "fraction": 180 / 1806}}),
+        ("few", {"method": "paths", "max_face_fraction": 0.1, "seed": 0, "fewer_faces_than_target": True,
+                 "before": {"images": 100, "faces": 5, "fraction": 0.05},
+                 "after": {"images": 100, "faces": 5, "fraction": 0.05}}),
+        ("none", None),
+        ("broken", {"before": "<script>", "after": []}),
+    ]:
+        data = tmp_path / name / "data"
+        data.mkdir(parents=True)
+        (data / "index.json").write_text(json.dumps({"images": 1, **({"rebalance": rebalance} if rebalance else {})}))
+        run = write_run(tmp_path / name / "run", cfg, Network(cfg.model), meta={"data": str(data)})
+        build_report(run, tmp_path / name / "report.html")
+        pages[name] = (tmp_path / name / "report.html").read_text()
+    assert "<th>faces in training data</th><td>before 17.9%, after 10.0% (target: at most 10.0%)</td>" in pages["cut"]
+    assert ("<th>faces in training data</th><td>before 5.0%, after 5.0%: nothing removed, the data hold fewer faces "
+            "than the target 10.0%</td>") in pages["few"]
+    assert "faces in training data" not in pages["none"] and "faces in training data" not in pages["broken"]

@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from grandmother.errors import GrandmotherError
-from grandmother.pipeline.job import STAGES, Job, describe_change, run_pipeline, shown_unit
+from grandmother.pipeline.inputs import describe_change
+from grandmother.pipeline.job import Job, run_pipeline
+from grandmother.pipeline.stages import STAGE_NAMES as STAGES, shown_unit
 from grandmother.data.samples import SAMPLE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +78,11 @@ def test_run_on_the_sample_without_testset_resumes_and_refuses_changes(tmp_path,
     rec = res["record"]
     assert [s for s in STAGES if rec["stages"][s]["status"] == "done"] == list(STAGES)
     assert rec["stages"]["train"]["result"]["steps"] == 6
-    assert rec["stages"]["ingest"]["result"]["images"] == 1980
+    # rebalanced by default: 354 of the 1,980 sample images hold a face the detector finds; 180 are kept
+    rb = rec["stages"]["ingest"]["result"]["rebalance"]
+    assert rb["before"] == {"images": 1980, "faces": 354, "fraction": 354 / 1980} and rb["method"] == "detector"
+    assert rb["after"] == {"images": 1806, "faces": 180, "fraction": 180 / 1806}
+    assert rec["stages"]["ingest"]["result"]["images"] == 1806
     # the face test set shipped in the package, built at the network's size; a face row in the report
     probe = json.loads((out / "probe_faces" / "probe.json").read_text())
     assert probe["concept"] == "faces" and probe["n_images"] == 848 and probe["n_positive"] == 299
@@ -91,6 +97,7 @@ def test_run_on_the_sample_without_testset_resumes_and_refuses_changes(tmp_path,
     assert rows["faces"]["best"] == pytest.approx(100 * probe["best"]["accuracy"])
     page = (out / "report.html").read_text()
     assert "faces" in page and probe["best"]["unit"] in page and shown["unit"] in page
+    assert "<th>faces in training data</th><td>before 17.9%, after 10.0% (target: at most 10.0%)</td>" in page
     heldout_section = page[page.index("<h2>Held-out evaluation: faces</h2>"):]
     assert f"<b>{100 * ho['top_stage']['evaluation_accuracy']:.1f}</b>" in heldout_section
     for name in ("histogram.png", "top_images.png", "optimal_stimulus.png"):
@@ -145,12 +152,43 @@ def test_minutes_budget_chooses_steps_from_the_measured_warmup(tmp_path):
     job.measure()
     sps = job.warmup["seconds_per_step"]
     assert sps > 0 and job.warmup["timed_steps"] == 3
-    plan, eta, what = job.plan_train({})
+    plan, eta, what = job.stage("train").plan({})
     assert plan["steps"] == max(1, int(0.5 * 60 * 0.9 / sps)) and plan["warmup"] == job.warmup
     assert eta == pytest.approx(plan["steps"] * sps) and f"{plan['steps']} steps chosen for 0.5 min" in what
     # a resumed train stage keeps the recorded count whatever a new warm-up would say
-    plan, _, what = job.plan_train({"steps": 7})
+    plan, _, what = job.stage("train").plan({"steps": 7})
     assert plan == {} and what.startswith("7 steps")
+
+
+# ---------------------------------------------------------------- rebalancing (issue 20)
+
+def test_run_rebalances_the_face_fraction_and_records_it(tmp_path, capsys):
+    from test_data import expected_faces_kept, faces_folder
+    src = faces_folder(tmp_path / "src", faces=20, others=30)
+    flags = dict(overrides=TINY, steps=2, testsets=[_testset32(tmp_path)], progress=False, workers=1)
+    assert Job([src], tmp_path / "x", **flags).rebalance.max_face_fraction == 0.1  # on by default
+    job = Job([src], tmp_path / "job", max_face_fraction=0.25, face_paths=["*/faces/*"], **flags)
+    job.start()
+    for name in ("testsets", "ingest"):
+        job.run_stage(job.stage(name))
+    assert "faces (by path): 20 of 50 images (40.0%) before, 10 of 40 (25.0%) after" in capsys.readouterr().out
+    ingest_rec = json.loads((tmp_path / "job" / "run.json").read_text())["stages"]["ingest"]
+    assert ingest_rec["inputs"]["ingest"] == {"frames_per_video": 100, "seed": 0, "max_face_fraction": 0.25,
+                                              "face_paths": ["*/faces/*"], "rebalance_seed": 0}
+    rb = ingest_rec["result"]["rebalance"]
+    assert rb["before"]["fraction"] == 0.4 and rb["after"]["fraction"] == 0.25 and ingest_rec["result"]["images"] == 40
+    faces = [str(p) for p in sorted((src / "faces").rglob("*.png"))]
+    from grandmother.data.dataset import open_dataset
+    kept = {it["path"] for it in open_dataset(tmp_path / "job" / "data").items() if "/faces/" in it["path"]}
+    assert kept == expected_faces_kept(faces, 30, 0.25, seed=0)
+    # another fraction is a changed setting of the ingest stage; --max-face-fraction 1 turns it off
+    with pytest.raises(GrandmotherError, match=r"ingest setting max_face_fraction: 0\.25 -> 0\.5 .*--restart-from "
+                                               r"ingest"):
+        Job([src], tmp_path / "job", max_face_fraction=0.5, face_paths=["*/faces/*"], **flags).prepare()
+    off = Job([src], tmp_path / "off", max_face_fraction=1, **flags)
+    off.prepare()
+    assert off.inputs["ingest"]["max_face_fraction"] == 1.0 and not off.rebalance.active
+    assert off.rebalance.flags() == "" and "--max-face-fraction 0.25 --face-paths '*/faces/*'" in job.rebalance.flags()
 
 
 # ---------------------------------------------------------------- bad input: one line, before long work

@@ -17,6 +17,20 @@ def add_config_arguments(p, preset_default="small"):
                    help="override any setting, e.g. --set model.sparsity=0.2 --set model.stages.*.maps=4")
 
 
+def add_rebalance_arguments(p, default: float | None):
+    """--max-face-fraction / --face-paths / --rebalance-seed (grandmother/data/rebalance.py), for ingest and run."""
+    from grandmother.data.rebalance import DETECT_MAX_SIDE
+    p.add_argument("--max-face-fraction", type=float, default=default, metavar="F",
+                   help=f"keep every non-face image and a seeded subset of the faces, so that faces are at most F "
+                        f"of the images (faces found by OpenCV's face detector on each source image, its long "
+                        f"side reduced to at most {DETECT_MAX_SIDE} px; 1 = off; default: "
+                        + ("off" if default is None else "%(default)s") + ")")
+    p.add_argument("--face-paths", action="append", default=[], metavar="GLOB",
+                   help="the images whose path matches GLOB are the faces, no detector (repeatable; `*` also "
+                        "matches /, e.g. '*/faces/*')")
+    p.add_argument("--rebalance-seed", type=int, default=0, help="chooses the faces kept (default: %(default)s)")
+
+
 def config_from_args(args, flag_map: dict[str, str]):
     """Load the preset, apply --set overrides, then the explicit flags (which win)."""
     overrides = list(args.overrides)

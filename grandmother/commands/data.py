@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from grandmother.commands.common import add_rebalance_arguments
+
 
 def print_json(obj) -> int:
     print(json.dumps(obj, indent=2))
@@ -14,14 +16,18 @@ def print_json(obj) -> int:
 
 def cmd_ingest(args):
     from grandmother.data.ingest import ingest
+    from grandmother.data.rebalance import Rebalance, summary_line
+    rebalance = Rebalance.from_flags(args.max_face_fraction, args.face_paths, args.rebalance_seed)
     index = ingest(args.sources, Path(args.out), size=args.size, color=args.color, seed=args.seed,
                    frames_per_video=args.frames_per_video, workers=args.workers, shard_size=args.shard_size,
-                   exclude=args.exclude, overwrite=args.overwrite, progress=not args.quiet)
+                   exclude=args.exclude, overwrite=args.overwrite, progress=not args.quiet, rebalance=rebalance)
     if args.json:
         return print_json(index)
     print(f"{args.out}: {index['images']} images of {index['size']}x{index['size']} {index['color']} in "
           f"{len(index['shards'])} shard(s); {len(index['skipped'])} skipped, {index['duplicates']} duplicate(s) "
           f"dropped, {index['excluded']} excluded")
+    if index.get("rebalance"):
+        print(f"  {summary_line(index['rebalance'])}")
     for s in index["sources"]:
         print(f"  {s['src']}: {s['files']} files ({s['videos']} videos) -> {s['images']} images, "
               f"{s['skipped']} skipped, {s['duplicates']} duplicates")
@@ -107,6 +113,7 @@ def register(sub):
     p.add_argument("--workers", type=int, default=2, help="decoding processes (default: %(default)s)")
     p.add_argument("--shard-size", type=int, default=1000, help="input files per shard (default: %(default)s)")
     p.add_argument("--exclude", metavar="FILE", help="file listing paths to leave out (e.g. TEST_DIR/excluded.txt)")
+    add_rebalance_arguments(p, None)
     p.add_argument("--overwrite", action="store_true", help="replace a finished dataset in --out (atomically)")
     p.add_argument("--json", action="store_true", help="print index.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

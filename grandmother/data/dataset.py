@@ -53,13 +53,21 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+class _PythonWrites:
+    """A file that NumPy does not recognise as one, so that it writes through `write` (errors with errno)."""
+
+    def __init__(self, f):
+        self.write = f.write
+
+
 def write_shard(folder: Path, k: int, images: np.ndarray, meta: dict) -> None:
     """Shard k: the .npy first, then its .json (the .json's presence marks the shard finished)."""
     folder = Path(folder)
     assert images.dtype == np.uint8 and images.ndim == 4, images.shape
-    with atomic_path(folder / shard_name(k)) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(images))
+    with atomic_path(folder / shard_name(k)) as tmp, open(tmp, "wb") as f:
+        # through Python's own write (a plain file object would make NumPy call fwrite, whose short write on a
+        # full disk says "N requested and M written" instead of "No space left on device")
+        np.lib.format.write_array(_PythonWrites(f), np.ascontiguousarray(images), allow_pickle=False)
     atomic_write_json(folder / shard_name(k).replace(".npy", ".json"), meta, indent=None)
 
 
@@ -168,7 +176,11 @@ class ShardedDataset(torch.utils.data.Dataset):
                 if int(s["images"]) == 0:
                     arrays.append(np.zeros((0, self.size, self.size, self.channels), np.uint8))
                     continue
-                a = np.load(self.root / s["file"], mmap_mode="r")
+                try:
+                    a = np.load(self.root / s["file"], mmap_mode="r", allow_pickle=False)
+                except ValueError as e:  # an object array, a damaged header
+                    raise GrandmotherError(f"{self.root / s['file']}: not an image array ({str(e).splitlines()[0]}); "
+                                           f"the dataset is damaged, re-run ingest into a new --out") from None
                 if a.shape != (int(s["images"]), self.size, self.size, self.channels) or a.dtype != np.uint8:
                     raise GrandmotherError(f"{self.root / s['file']}: shape {a.shape} {a.dtype} does not match "
                                            f"index.json; the dataset is damaged, re-run ingest into a new --out")

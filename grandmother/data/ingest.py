@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from grandmother.data.images import IMAGE_EXTENSIONS, fit_image, is_listed, load_image, unreadable_reason
+from grandmother.data.images import IMAGE_EXTENSIONS, decode_image, fit_image, unreadable_reason, walk_files
 from grandmother.data.dataset import (COLORS, FORMAT, check_output_dir, finish_dataset, partial_dir, read_shard_meta, shard_name,
                       write_shard)
+from grandmother.data.rebalance import DETECT_MAX_SIDE, Rebalance, choose, detect_face, is_face_path
 from grandmother.errors import GrandmotherError
-from grandmother.io import atomic_write_json, make_dir
+from grandmother.io import atomic_write_json, make_dir, read_path_list
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,8 @@ def expand_sources(sources: list[str]) -> tuple[list[tuple[int, Path, str]], lis
         else:
             # Links that cannot be followed (dangling, loops) are kept: decoding fails on them, and they
             # are listed among the skipped files with the reason, never dropped without a word.
-            files = [(p, p.relative_to(root).as_posix()) for p in sorted(root.rglob("*"))
-                     if p.suffix.lower() in exts and is_listed(p)]
+            # Symbolic links to folders are followed (once per folder; a loop is listed as a skipped file).
+            files = [(p, p.relative_to(root).as_posix()) for p in walk_files(root, exts)]
             if not files:
                 raise GrandmotherError(f"SRC {src}: no images or videos found (looked for {', '.join(sorted(exts))})")
         summary.append({"src": str(src), "files": 0, "videos": 0})
@@ -82,14 +83,14 @@ def expand_sources(sources: list[str]) -> tuple[list[tuple[int, Path, str]], lis
 
 
 def read_exclude_list(path: str | None) -> set[str]:
-    """Resolved paths, one per line in the file (blank lines and # comments ignored)."""
+    """Resolved paths, one per line in the file (grandmother.io.read_path_list: plain lines or JSON strings;
+    blank lines and # comments ignored)."""
     if not path:
         return set()
     p = Path(path)
     if not p.is_file():
         raise GrandmotherError(f"--exclude {path}: file does not exist")
-    lines = [os.fsdecode(ln.strip()) for ln in p.read_bytes().splitlines()]  # names need not be UTF-8
-    return {str(Path(ln).resolve()) for ln in lines if ln and not ln.startswith("#")}
+    return {os.path.realpath(name) for name in read_path_list(p)}
 
 
 # ---------------------------------------------------------------- decoding one unit (in a worker)
@@ -103,8 +104,8 @@ def frame_choice(n_frames: int, k: int, seed: int, rel: str) -> list[int]:
     return sorted(rng.choice(n_frames, size=min(k, n_frames), replace=False).tolist())
 
 
-def _decode_frames(path: Path, wanted: list[int], size: int, channels: int) -> tuple[dict, int]:
-    """{frame index: fitted array} for the wanted indices, and how many frames were decoded."""
+def _decode_frames(path: Path, wanted: list[int], size: int, channels: int, detect: bool) -> tuple[dict, int]:
+    """{frame index: (fitted array, face or None)} for the wanted indices, and how many frames were decoded."""
     import av
     got, n, last = {}, 0, max(wanted)
     with av.open(str(path)) as container:
@@ -112,7 +113,8 @@ def _decode_frames(path: Path, wanted: list[int], size: int, channels: int) -> t
         try:
             for frame in container.decode(stream):
                 if n in wanted:
-                    got[n] = fit_image(frame.to_image(), size, channels)
+                    img = frame.to_image()
+                    got[n] = (fit_image(img, size, channels), detect_face(img) if detect else None)
                 n += 1
                 if n > last:
                     break
@@ -123,7 +125,9 @@ def _decode_frames(path: Path, wanted: list[int], size: int, channels: int) -> t
     return got, n
 
 
-def decode_video(path: Path, rel: str, k: int, seed: int, size: int, channels: int) -> list[tuple[np.ndarray, int]]:
+def decode_video(path: Path, rel: str, k: int, seed: int, size: int, channels: int,
+                 detect: bool = False) -> list[tuple[np.ndarray, int, bool | None]]:
+    """[(fitted frame, frame index, face or None)] of the frames chosen from one video."""
     import av
     with av.open(str(path)) as container:
         if not container.streams.video:
@@ -134,28 +138,33 @@ def decode_video(path: Path, rel: str, k: int, seed: int, size: int, channels: i
     if n_frames == 0:
         raise ValueError("no video frames")
     wanted = frame_choice(n_frames, k, seed, rel)
-    got, decoded = _decode_frames(path, wanted, size, channels)
+    got, decoded = _decode_frames(path, wanted, size, channels, detect)
     if len(got) < len(wanted) and decoded > 0:
         # Fewer decodable frames than packets (damaged file): choose again among those that decode.
         wanted = frame_choice(decoded, k, seed, rel)
-        got, _ = _decode_frames(path, wanted, size, channels)
+        got, _ = _decode_frames(path, wanted, size, channels, detect)
     if not got:
         raise ValueError("no decodable frames")
-    return [(got[i], i) for i in sorted(got)]
+    return [(got[i][0], i, got[i][1]) for i in sorted(got)]
 
 
 def decode_unit(task) -> dict:
-    """One file -> {"images": [...], "frames": [...] (videos), "error": None or a reason}. Never raises."""
-    path, rel, kind, k, seed, size, channels = task
+    """One file -> {"images": [...], "frames": [...] (videos), "faces": [...] (with detection), "error": None
+    or a reason}. Never raises. task = (path, rel, kind, frames per video, seed, size, channels[, detect]):
+    with `detect`, the face detector runs on each source image before it is shrunk (data/rebalance.py)."""
+    path, rel, kind, k, seed, size, channels, *rest = task
+    detect = bool(rest and rest[0])
     try:
         if kind == "video":
-            pairs = decode_video(Path(path), rel, k, seed, size, channels)
-            images, frames = [a for a, _ in pairs], [f for _, f in pairs]
+            triples = decode_video(Path(path), rel, k, seed, size, channels, detect)
+            images, frames, faces = [a for a, _, _ in triples], [f for _, f, _ in triples], [x for *_, x in triples]
         else:
-            images, frames = [load_image(Path(path), size, channels)], [None]
-        return {"images": images, "frames": frames, "hashes": [pixel_hash(a) for a in images], "error": None}
+            with decode_image(Path(path), max(size, DETECT_MAX_SIDE) if detect else size) as img:
+                images, frames, faces = [fit_image(img, size, channels)], [None], [detect_face(img) if detect else None]
+        return {"images": images, "frames": frames, "faces": faces, "hashes": [pixel_hash(a) for a in images],
+                "error": None}
     except Exception as e:  # any decoder failure is a skipped input, not a failed run
-        return {"images": [], "frames": [], "hashes": [], "error": unreadable_reason(Path(path), e)[:300]}
+        return {"images": [], "frames": [], "faces": [], "hashes": [], "error": unreadable_reason(Path(path), e)[:300]}
 
 
 # ---------------------------------------------------------------- the driver
@@ -168,9 +177,11 @@ def smallest_model_input() -> int:
 
 def ingest(sources: list[str], out: Path, size: int = 200, color: str = "rgb", seed: int = 0,
            frames_per_video: int = 1, workers: int = 1, shard_size: int = 1000, exclude: str | None = None,
-           overwrite: bool = False, progress: bool = True) -> dict:
-    """Build (or finish) the dataset at `out`; returns its index dict."""
+           overwrite: bool = False, progress: bool = True, rebalance: Rebalance | None = None) -> dict:
+    """Build (or finish) the dataset at `out`; returns its index dict. `rebalance` (data/rebalance.py) keeps
+    faces to at most a fraction of the images."""
     t0 = time.perf_counter()
+    rebalance = rebalance or Rebalance()
     if color not in COLORS:
         raise GrandmotherError(f"--color {color!r}: choose rgb or gray")
     floor = smallest_model_input()
@@ -184,13 +195,15 @@ def ingest(sources: list[str], out: Path, size: int = 200, color: str = "rgb", s
     units, summary = expand_sources(sources)
     excluded = read_exclude_list(exclude)
     if excluded:
-        units = [u for u in units if str(u[1].resolve()) not in excluded]
+        units = [u for u in units if os.path.realpath(u[1]) not in excluded]
     n_excluded = sum(s["files"] for s in summary) - len(units)
     if not units:
         raise GrandmotherError("every input file is in --exclude; nothing to ingest")
 
     plan = {"sources": [str(s) for s in sources], "files": [str(u[1]) for u in units], "size": size, "color": color,
             "seed": seed, "frames_per_video": frames_per_video, "shard_size": shard_size}
+    if rebalance.active:  # only then: the fingerprint of every dataset made without it stays as it was
+        plan["rebalance"] = rebalance.plan()
     fingerprint = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
     # ============ an existing result or an unfinished run ============
@@ -226,7 +239,8 @@ def ingest(sources: list[str], out: Path, size: int = 200, color: str = "rgb", s
 
     # ============ decode the remaining units, in plan order ============
     todo = units[first * shard_size:]
-    tasks = [(str(p), rel, media_kind(p), frames_per_video, seed, size, channels) for _, p, rel in todo]
+    tasks = [(str(p), rel, media_kind(p), frames_per_video, seed, size, channels, rebalance.detect)
+             for _, p, rel in todo]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -256,12 +270,51 @@ def ingest(sources: list[str], out: Path, size: int = 200, color: str = "rgb", s
         if bar is not None:
             bar.close()
 
-    # ============ the index ============
+    # ============ rebalancing, and the index ============
+    final, extra = work, {}
+    if rebalance.active:
+        final, metas, extra["rebalance"] = write_rebalanced(work, out, metas, rebalance, size, channels)
     index = build_index(metas, summary, n_excluded, size, color, seed, frames_per_video, shard_size, fingerprint)
+    index.update(extra)
     index["elapsed_s"] = round(time.perf_counter() - t0, 3)
-    (work / "plan.json").unlink()
-    finish_dataset(work, out, {k: v for k, v in index.items() if k != "format"})
+    if final == work:
+        (work / "plan.json").unlink()
+    finish_dataset(final, out, {k: v for k, v in index.items() if k != "format"})
+    if final != work:
+        shutil.rmtree(work)
     return {"format": FORMAT, **index}
+
+
+def write_rebalanced(work: Path, out: Path, metas: list[dict], rebalance: Rebalance, size: int,
+                     channels: int) -> tuple[Path, list[dict], dict]:
+    """The finished shards of `work` without the faces that rebalancing leaves out, written into a second
+    folder (OUT.rebalanced.partial), shard by shard: (that folder, its shards' metadata, the summary).
+    `work` stays whole until the result is in place, so a killed run redoes only this step."""
+    items = [it for m in metas for it in m["items"]]
+    if rebalance.face_paths:
+        faces = [is_face_path(it["path"], rebalance.face_paths) for it in items]
+    else:
+        faces = [bool(it.get("face")) for it in items]
+    keep, summary = choose(items, faces, rebalance)
+    final = out.with_name(out.name + ".rebalanced.partial")
+    if final.exists():
+        shutil.rmtree(final)
+    make_dir(final)
+    kept_metas, start = [], 0
+    for k, m in enumerate(metas):
+        n = len(m["items"])
+        mask = np.array(keep[start:start + n], bool)
+        flags = faces[start:start + n]
+        start += n
+        arr = np.load(work / shard_name(k)) if n else np.zeros((0, size, size, channels), np.uint8)
+        new = dict(m, items=[dict(it, face=f) for it, f, x in zip(m["items"], flags, mask) if x],
+                   hashes=[h for h, x in zip(m["hashes"], mask) if x],
+                   rebalanced_out=[it for it, x in zip(m["items"], mask) if not x])
+        new.pop("file", None)
+        new.pop("images", None)
+        write_shard(final, k, np.ascontiguousarray(arr[mask]), new)
+        kept_metas.append(dict(new, file=shard_name(k), images=int(mask.sum())))
+    return final, kept_metas, summary
 
 
 class _ShardBuffer:
@@ -275,10 +328,12 @@ class _ShardBuffer:
         if res["error"] is not None:
             self.skipped.append({"path": str(path), "reason": res["error"], "source": src_i})
             return
-        for arr, frame, h in zip(res["images"], res["frames"], res["hashes"]):
+        for arr, frame, h, face in zip(res["images"], res["frames"], res["hashes"], res["faces"]):
             item = {"path": str(path), "source": src_i}
             if frame is not None:
                 item["frame"] = frame
+            if face is not None:
+                item["face"] = face
             if h in seen:
                 self.duplicates.append(item)
                 continue

@@ -5,8 +5,9 @@
 
 TEST_DIR is a dataset (grandmother/dataset.py: index.json + shard_*.npy) plus
     labels.npy      uint8 (N,), 1 = positive, 0 = negative, aligned with the dataset's images
-    excluded.txt    one absolute path a line: every file the test set uses and, for positives, every
-                    file of every identity it uses (`grandmother ingest --exclude TEST_DIR/excluded.txt`
+    excluded.txt    one absolute path a line (a JSON string where the name holds a newline or another
+                    control character; grandmother.io.path_line): every file the test set uses and, for
+                    positives, every file of every identity it uses (`grandmother ingest --exclude TEST_DIR/excluded.txt`
                     keeps all of them out of training)
 and index.json has "kind": "testset", "positives", "negatives", "test_identities", ...
 Each image's provenance (path, label, identity, and "pixels": the digest of the image as `ingest` would
@@ -46,6 +47,7 @@ import numpy as np
 
 from grandmother.data.dataset import COLORS, open_dataset, write_dataset
 from grandmother.errors import GrandmotherError
+from grandmother.io import path_line, read_path_list
 from grandmother.data.ingest import decode_unit, expand_sources, media_kind
 
 PAPER_POSITIVE_FRACTION = 13026 / 37000
@@ -71,7 +73,7 @@ def plan_testset(positive: list[str], negative: list[str], positive_fraction: fl
         raise GrandmotherError("--negative: name at least one folder or file")
     pos_units, _ = expand_sources(positive)
     neg_units, _ = expand_sources(negative)
-    both = {str(p.resolve()) for _, p, _ in pos_units} & {str(p.resolve()) for _, p, _ in neg_units}
+    both = {os.path.realpath(p) for _, p, _ in pos_units} & {os.path.realpath(p) for _, p, _ in neg_units}
     if both:
         raise GrandmotherError(f"{sorted(both)[0]}: given as both --positive and --negative")
     P, N = len(pos_units), len(neg_units)
@@ -99,10 +101,10 @@ def plan_testset(positive: list[str], negative: list[str], positive_fraction: fl
         picked = files if take == len(files) else [files[i] for i in sorted(rng.choice(len(files), take, replace=False))]
         chosen_pos.extend(picked)
         test_ids.append(name)
-        excluded.update(str(p.resolve()) for p in files)  # the whole identity, not only the files used
+        excluded.update(os.path.realpath(p) for p in files)  # the whole identity, not only the files used
     neg_pick = sorted(rng.choice(N, n_neg, replace=False))
     chosen_neg = [neg_units[i][1] for i in neg_pick]
-    excluded.update(str(p.resolve()) for p in chosen_neg)
+    excluded.update(os.path.realpath(p) for p in chosen_neg)
     identity = {str(p): identity_of(s, r, group_by) for s, p, r in pos_units}
     return chosen_pos, chosen_neg, sorted(test_ids), sorted(excluded), identity
 
@@ -147,7 +149,7 @@ def build_testset(positive: list[str], negative: list[str], out: Path, positive_
     if negative_crop is not None and not 0 < negative_crop <= 1:
         raise GrandmotherError(f"--negative-crop {negative_crop}: a fraction of the photo's shorter side, in (0, 1]")
     channels = COLORS[color]
-    pos, neg, test_ids, excluded, identity = plan_testset(positive, negative, positive_fraction, count, seed, group_by)
+    pos, neg, _, excluded, identity = plan_testset(positive, negative, positive_fraction, count, seed, group_by)
 
     # ============ decode everything the same way ============
     files = [(p, 1) for p in pos] + [(p, 0) for p in neg]
@@ -177,6 +179,8 @@ def build_testset(positive: list[str], negative: list[str], out: Path, positive_
         items.append(item)
     if not images:
         raise GrandmotherError("no test image could be read")
+    # an identity counts only where one of its images was read: a skipped file is not a test person
+    test_ids = sorted({it["identity"] for it in items if it["label"]})
     labels = np.array([it["label"] for it in items], np.uint8)
     if color == "rgb":
         pos_arr = [a for a, lab in zip(images, labels) if lab]
@@ -199,8 +203,9 @@ def build_testset(positive: list[str], negative: list[str], out: Path, positive_
 
     def extra(work: Path):
         np.save(work / "labels.npy", labels)
-        # the file names' own bytes (os.fsencode): a name that is not valid UTF-8 is written as it is
-        (work / "excluded.txt").write_bytes(b"".join(os.fsencode(p) + b"\n" for p in excluded))
+        # one name a line (grandmother.io.path_line): a name's own bytes, or a JSON string for a name with a
+        # newline or another control character, so that no test file can slip past `ingest --exclude`
+        (work / "excluded.txt").write_bytes(b"".join(path_line(p) for p in excluded))
 
     blocks = ((images[s:s + 4096], items[s:s + 4096]) for s in range(0, len(images), 4096))
     index = {"kind": "testset", "positives": int(labels.sum()), "negatives": int(len(labels) - labels.sum()),
@@ -217,7 +222,13 @@ def open_testset(path: Path):
     ds = open_dataset(path)
     if ds.index.get("kind") != "testset" or not (Path(path) / "labels.npy").is_file():
         raise GrandmotherError(f"{path}: a dataset but not a test set (no labels); make one with `grandmother testset`")
-    labels = np.load(Path(path) / "labels.npy")
+    try:
+        labels = np.load(Path(path) / "labels.npy", allow_pickle=False)
+    except (ValueError, OSError) as e:  # an object array (a pickle), a damaged file
+        raise GrandmotherError(f"{Path(path) / 'labels.npy'}: not a label array ({str(e).splitlines()[0]})") from None
+    if not isinstance(labels, np.ndarray) or labels.ndim != 1 or labels.dtype.kind not in "biu":
+        raise GrandmotherError(f"{Path(path) / 'labels.npy'}: not a label array (want 0/1 integers of shape (N,), "
+                               f"found {getattr(labels, 'dtype', '?')} {getattr(labels, 'shape', '?')})")
     if len(labels) != len(ds):
         raise GrandmotherError(f"{path}: labels.npy has {len(labels)} labels for {len(ds)} images")
     return ds, labels, ds.index
@@ -232,8 +243,8 @@ def _progress(it, total, progress):
 
 def read_excluded(path: Path) -> list[str]:
     """The paths listed in a test set's excluded.txt (grandmother.data.leakage checks training sets against it);
-    names that are not UTF-8 come back as os.fsdecode gives them."""
-    return [os.fsdecode(ln) for ln in Path(path).read_bytes().splitlines() if ln]
+    grandmother.io.read_path_list reads both the JSON-string lines and plain lines (older test sets)."""
+    return read_path_list(path)
 
 
 __all__ = ["build_testset", "open_testset", "plan_testset", "PAPER_POSITIVE_FRACTION", "read_excluded"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 from grandmother.report.html import (
@@ -71,6 +72,9 @@ def section_training(run_dir: Path, records: list[dict]) -> tuple[str, dict]:
              ("steps", meta.get("step")), ("images seen", meta.get("images_seen")),
              ("optimizer", f"{cfg.train.optimizer}, lr {cfg.train.lr}, batch {cfg.train.batch_size}"),
              ("engine", scale["engine"])]
+    faces = training_faces(meta.get("data"))
+    if faces:
+        pairs.insert(6, ("faces in training data", faces))
     if records and _is_number(records[-1].get("elapsed_s")):
         pairs.append(("training time of the last session", f"{records[-1]['elapsed_s']:.0f} s"))
     parts = ["<h2>Training</h2>",
@@ -87,6 +91,19 @@ def section_training(run_dir: Path, records: list[dict]) -> tuple[str, dict]:
     parts.append(section_filters(run_dir))
     parts.append(f"<details><summary>config.yaml</summary><pre>{html.escape(cfg_path.read_text())}</pre></details>")
     return "\n".join(parts), scale
+
+
+def training_faces(data) -> str | None:
+    """'before X%, after Y%' from the rebalancing record of the training data's index.json (the run's
+    meta.json names the folder; grandmother/data/rebalance.py), or None where there is none."""
+    from grandmother.data.rebalance import describe_for_report
+    if not isinstance(data, str):
+        return None
+    try:
+        index = json.loads((Path(data) / "index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return describe_for_report(index.get("rebalance")) if isinstance(index, dict) else None
 
 
 def section_table1(probes: list[tuple[Path, dict]]) -> str:

@@ -760,3 +760,66 @@ def test_ingest_lists_links_it_cannot_follow_and_says_why_a_read_failed(tmp_path
     assert set(skipped) == {"loop.png", "dangling.png", "mem.png", "empty.png"}, skipped
     assert "loop" in skipped["loop.png"] and "dangling" in skipped["dangling.png"]
     assert "empty" in skipped["empty.png"] and "empty" not in skipped["mem.png"]
+
+
+# ================================================================ a step is atomic with respect to signals
+
+STEP_POINTS = ["batch", "gradients", "update", "projected", "counted", "logged", "checkpointed", "end"]
+DROPPED = {"batch", "gradients"}  # before the update: the step is not done, nothing of it is kept
+
+
+def _state_equal(a, b) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def every_step(world):
+    """A 6-step run that kept a checkpoint after every step: what an interrupted run must equal."""
+    run = world["tmp"] / "every_step"
+    train(load_config("small", TINY + ["train.steps=6", "train.checkpoint_every=1", "train.keep_checkpoints=0"]),
+          world["images"], run, progress=False)
+    return run
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_at_any_point_of_a_step_keeps_one_whole_step(world, every_step, tmp_path, monkeypatch, signum):
+    """SIGTERM or Ctrl-C at each point of step 3 (an injected hook sends it there): the checkpoint holds the
+    weights, optimizer state, RNG state, step and metrics lines of one completed step (2 when the signal came
+    before the update, else 3), each equal bit for bit to those of an uninterrupted run; resuming then ends
+    with the uninterrupted run's weights."""
+    import grandmother.training.loop as loop
+    from grandmother.training.runtime import Terminated
+    cfg = load_config("small", TINY + ["train.steps=6", "train.checkpoint_every=3"])
+    for point in STEP_POINTS:
+        run = tmp_path / point
+        sent = []
+
+        def hook(where, step, point=point):
+            if where == point and step == 2 and not sent:
+                sent.append(where)
+                os.kill(os.getpid(), signum)
+        monkeypatch.setattr(loop, "step_points", hook)
+        with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt) as raised:
+            train(cfg, world["images"], run, progress=False)
+        monkeypatch.setattr(loop, "step_points", None)
+        assert sent and (signum != signal.SIGINT or not isinstance(raised.value, Terminated)), point
+        at = 2 if point in DROPPED else 3
+        ckpt = latest_checkpoint(run)
+        tensors, state, meta = load_checkpoint(ckpt)
+        want_tensors, want_state, want_meta = load_checkpoint(every_step / CKPT_DIR / f"step_{at:08d}")
+        assert meta["step"] == at and meta["images_seen"] == want_meta["images_seen"], point
+        assert _state_equal(tensors, want_tensors), f"{point}: the weights are not those of step {at}"
+        assert _state_equal(state["optimizer"], want_state["optimizer"]), f"{point}: optimizer state"
+        assert _state_equal(state["rng"]["torch"], want_state["rng"]["torch"]), f"{point}: RNG state"
+        steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, at + 1)), (point, steps)
+        train(cfg, world["images"], run, resume=True, progress=False)
+        assert same_weights(run, every_step), f"{point}: resume differs from the uninterrupted run"

@@ -14,9 +14,11 @@ def print_json(obj) -> int:
 
 def cmd_ingest(args):
     from grandmother.data.ingest import ingest
-    index = ingest(args.sources, Path(args.out), size=args.size, color=args.color, seed=args.seed,
-                   frames_per_video=args.frames_per_video, workers=args.workers, shard_size=args.shard_size,
-                   exclude=args.exclude, overwrite=args.overwrite, progress=not args.quiet)
+    from grandmother.io import folder_lock
+    with folder_lock(Path(args.out), "ingest", beside=True):  # OUT is built as OUT.partial, then renamed
+        index = ingest(args.sources, Path(args.out), size=args.size, color=args.color, seed=args.seed,
+                       frames_per_video=args.frames_per_video, workers=args.workers, shard_size=args.shard_size,
+                       exclude=args.exclude, overwrite=args.overwrite, progress=not args.quiet)
     if args.json:
         return print_json(index)
     print(f"{args.out}: {index['images']} images of {index['size']}x{index['size']} {index['color']} in "

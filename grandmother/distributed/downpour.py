@@ -424,7 +424,8 @@ def _drive(job: DownpourJob, cfg: Config, out_dir: Path, ckpt, skipped, progress
                         raise GrandmotherError(str(cause)) from None
                     job.dead_shard_check()
                     first = (str(cause or e).strip().splitlines() or [""])[0][:200]
-                    raise JobFailed(f"replica {r} failed ({type(cause or e).__name__}: {first})") from None
+                    raise JobFailed(f"replica {r} failed ({type(cause or e).__name__}: {first}); the job stops: "
+                                    f"continue from the last checkpoint with --resume") from None
                 worked = True
                 latest[r], job.steps[r] = rec, rec["step"]
                 if kill and not killed and r == kill[0] and rec["step"] >= kill[1]:

@@ -5,7 +5,9 @@
 
 Needs the data sets of `bash experiments/data.sh`. Every recipe (experiments/recipes.py) is seeded
 (train.seed=0; test-set split seed 0; random-weights seeds 0-4), trains into runs/exp/NAME (kept: a
-second call only re-scores) and writes its row to experiments/results/NAME.json.
+second call only re-scores) and writes its row to experiments/results/NAME.json. The run folder is locked
+while this runs (grandmother.io.folder_lock): a second run.py of the same NAME stops with one line naming
+the first one's PID, so a run still training is never deleted or trained twice.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import evaluate as ev  # noqa: E402
 from grandmother.analysis import heldout  # noqa: E402
+from grandmother.errors import GrandmotherError  # noqa: E402
+from grandmother.io import LOCK_FILE, folder_lock  # noqa: E402
 from recipes import RECIPES, config_for  # noqa: E402
 
 DATA = ROOT / "runs" / "data"
@@ -115,21 +119,41 @@ def main(argv=None):
         for n, r in RECIPES.items():
             print(f"{n:28s} {r['what']}")
         return
-    from grandmother.training.checkpoint import latest_checkpoint
-    from grandmother.training.loop import train
+    if args.name not in RECIPES:
+        sys.exit(f"run.py: unknown experiment {args.name!r} (see --list)")
     import torch
     torch.set_num_threads(1)  # on a loaded 2-core machine one thread was 5x faster than two (89 vs 16 img/s)
+    run_dir = RUNS / (args.name + ("_smoke" if args.images else ""))
+    try:
+        with folder_lock(run_dir, f"experiments/run.py {args.name}"):
+            run_experiment(args, run_dir)
+    except GrandmotherError as e:
+        sys.exit(f"run.py: {e}")
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete a run folder's contents, all but the lock this process holds on it."""
+    import shutil
+    for p in run_dir.iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def run_experiment(args, run_dir: Path) -> None:
+    from grandmother.training.checkpoint import latest_checkpoint
+    from grandmother.training.loop import train
     recipe = RECIPES[args.name]
     cfg = config_for(args.name, args.images)
-    run_dir = RUNS / (args.name + ("_smoke" if args.images else ""))
     train_path = DATA / recipe.get("data", "train")
     timing_file = run_dir / "timing.json"
     if args.step and not timing_file.is_file():
         sys.exit(f"run.py: --step: {run_dir} has not finished training (no timing.json); nothing retrained")
     if args.retrain or latest_checkpoint(run_dir) is None or not timing_file.is_file():
-        if run_dir.exists():
-            import shutil
-            shutil.rmtree(run_dir)
+        clear_run(run_dir)  # this process holds its lock: no other run.py is training it
         t0 = time.time()
         summary = train(cfg, train_path, run_dir, progress=False)
         timing_file.write_text(json.dumps({"wall_s": time.time() - t0, "images_seen": summary["images_seen"]}))

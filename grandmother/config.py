@@ -370,6 +370,10 @@ def load_config(preset: str = "paper", overrides: list[str] | dict | None = None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     data.setdefault("preset", Path(preset).stem)
+    try:  # the file's own shape, checked as a run's config.yaml is (`model: 5` is one line, naming the file)
+        _build(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if isinstance(overrides, list):
         overrides = _expand_stars(overrides, _stages_default(data))
     if overrides:

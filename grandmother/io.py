@@ -3,12 +3,17 @@
 Also the one place that turns an OS error on an output (read-only folder, disk full, a path under /proc)
 into a one-line error naming the path: `writing(path)` around a write, `make_dir(path)` for a folder.
 `atomic_path` and `append_jsonl` use them, and so does the command line for any OS error left over.
+
+And the one writer per output folder (`folder_lock`), and the one reader of `.npy` files (`load_npy`:
+no pickle, one line naming a bad file).
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -172,3 +177,135 @@ def read_path_list(path: Path) -> list[str]:
                 continue
         names.append(os.fsdecode(line))
     return names
+
+
+# ---------------------------------------------------------------- one writer per folder
+
+LOCK_FILE = ".lock"
+_held: dict[str, tuple[int, int]] = {}  # lock file -> (fd, depth): the locks this process holds
+
+
+def _close_held_in_child() -> None:
+    # A forked child (a decoding pool, a data-loader worker) gets copies of the lock's file descriptor;
+    # closing them there leaves the parent's lock as it is and lets it end with the parent.
+    for fd, _ in _held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
+def _holder(fd: int) -> tuple[str, str]:
+    """(PID, command) written in a lock file; ("", "") if it holds nothing readable."""
+    try:
+        words = os.pread(fd, 200, 0).decode("utf-8", "replace").split(None, 1)
+    except OSError:
+        return "", ""
+    if not words or not words[0].isdigit():
+        return "", ""
+    return words[0], (words[1].strip() if len(words) > 1 else "")
+
+
+@contextmanager
+def folder_lock(folder, what: str, beside: bool = False):
+    """Hold the advisory lock of an output folder while `what` ("train", "probe", ...) writes into it.
+
+    The lock is fcntl.flock on FOLDER/.lock (with `beside`: on .NAME.lock next to the folder, for an
+    output that is built elsewhere and renamed into place), and the file holds the holder's PID. A second
+    writer gets one line naming that PID. flock ends with its process, so a lock left by a killed process
+    is taken over, with a line saying so. Re-entrant within a process (`run` trains under its own lock).
+    The folder is made if missing, and removed again on the way out if nothing else was written to it.
+    """
+    folder = Path(folder)
+    lock = folder.parent / f".{folder.name}.lock" if beside else folder / LOCK_FILE
+    key = os.path.realpath(lock)
+    if key in _held:
+        fd, depth = _held[key]
+        _held[key] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            _held[key] = (fd, depth)
+        return
+    created = []
+    parent = lock.parent
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
+    fd = _acquire(folder, lock, what)
+    _held[key] = (fd, 1)
+    try:
+        yield
+    finally:
+        _held.pop(key, None)
+        try:
+            os.unlink(lock)  # while still held: whoever opened this file before sees it gone, and retries
+        except OSError:
+            pass
+        os.close(fd)
+        for d in created:  # made for this command and left empty (it failed before writing): remove
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+
+
+def _acquire(folder: Path, lock: Path, what: str) -> int:
+    for _ in range(100):
+        make_dir(lock.parent)
+        with writing(folder):
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666 & ~_UMASK)
+            except FileNotFoundError:
+                if lock.parent.is_dir():
+                    raise
+                continue  # the folder was removed under us (its last user left it empty): make it again
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            pid, cmd = _holder(fd)
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise output_error(lock, e) from None
+            by = f"{'grandmother ' + cmd if cmd else 'another process'} (PID {pid})" if pid else "another process"
+            raise GrandmotherError(f"{folder} is in use: {by} is writing to it; wait for it to finish or stop "
+                                   f"it, then run this again") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except OSError:
+            same = False
+        if not same:  # its holder removed the file between our open and our lock: take the new one
+            os.close(fd)
+            continue
+        pid, cmd = _holder(fd)
+        if pid and int(pid) != os.getpid():
+            print(f"{folder}: taking over the lock of {'grandmother ' + cmd if cmd else 'a process'} (PID {pid}), "
+                  f"which ended without releasing it", file=sys.stderr)
+        try:  # the holder's name, for the message of a second writer; the lock holds without it (a full disk)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
+        except OSError:
+            pass
+        return fd
+    raise GrandmotherError(f"{folder}: could not take its lock ({lock} keeps changing)")
+
+
+# ---------------------------------------------------------------- reading arrays
+
+def load_npy(path, mmap: bool = False):
+    """A NumPy .npy file as an array (memory-mapped read-only with `mmap`). Pickles are never loaded: an
+    object array, a truncated or foreign file is one line naming the file."""
+    import numpy as np
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise GrandmotherError(f"{path}: file not found") from None
+    except (OSError, ValueError, EOFError) as e:
+        reason = describe_os_error(e)
+        if "Object arrays" in reason or "Python objects" in reason:
+            reason = "an object array (pickled Python objects), which is never loaded"
+        raise GrandmotherError(f"{path}: not a plain NumPy array file ({reason})") from None

@@ -11,6 +11,7 @@ Run alone with `pytest -m faults`. Every case of issue 12 has a test here:
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -352,10 +353,10 @@ def stopped(job: subprocess.Popen) -> None:
     assert line.strip() == "STOPPED", job.stderr.read()[-2000:]
 
 
-def sigterm_stops_at_a_checkpoint(job: subprocess.Popen, run: Path, timeout: float) -> dict:
-    """SIGTERM a training job: exit status 128 + 15, "continue with --resume", and a checkpoint at the last
-    completed step. Returns that checkpoint's meta."""
-    job.send_signal(signal.SIGTERM)
+def sigterm_stops_at_a_checkpoint(job: subprocess.Popen, run: Path, timeout: float, pid: int | None = None) -> dict:
+    """SIGTERM a training job (or its process `pid`): exit status 128 + 15, "continue with --resume", and a
+    checkpoint at the last completed step. Returns that checkpoint's meta."""
+    os.kill(pid or job.pid, signal.SIGTERM)
     out, err = job.communicate(timeout=timeout)
     assert job.returncode == 143, err[-2000:]
     assert "terminated" in err and "--resume" in out
@@ -655,7 +656,7 @@ def _descendants(pid: int) -> set[int]:
 
 
 @pytest.mark.ray
-def test_downpour_ray_listens_on_loopback_only_and_sigterm_checkpoints(world, tmp_path):
+def test_downpour_ray_listens_on_loopback_only_starts_no_dashboard_and_sigterm_checkpoints(world, tmp_path):
     pytest.importorskip("ray")
     run = tmp_path / "dp"
     job = start("train", "--preset", "small", *TINY_FLAGS, "--set", "downpour.ps_checkpoint_every=1000",
@@ -666,6 +667,10 @@ def test_downpour_ray_listens_on_loopback_only_and_sigterm_checkpoints(world, tm
     addresses = _listening_sockets_of(pids)
     assert addresses, "found no listening socket of the Ray processes"
     assert all(a.startswith("127.0.0.1:") for a in addresses), addresses
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
+    ours = [line for line in ps if line.split(None, 1)[0].isdigit() and int(line.split(None, 1)[0]) in pids]
+    assert any("raylet" in line for line in ours), ours  # ps does see the instance's processes ...
+    assert not [line for line in ours if "dashboard.py" in line], "a dashboard process was started"  # ... but no dashboard
     job.send_signal(signal.SIGTERM)
     out, err = job.communicate(timeout=90)
     assert job.returncode == 143, err[-2000:]
@@ -943,3 +948,389 @@ def test_a_test_file_named_with_a_newline_stays_out_of_training(tmp_path, capsys
     # a list in the older format (one plain line a name) is still read
     (tmp_path / "old.txt").write_bytes(b"/a/b.png\n\n# a comment\n/c/d e.png \n")
     assert read_excluded(tmp_path / "old.txt") == ["/a/b.png", "/c/d e.png"]
+
+
+# ================================================================ a step is atomic with respect to signals
+
+STEP_POINTS = ["batch", "gradients", "update", "projected", "counted", "logged", "checkpointed", "end"]
+DROPPED = {"batch", "gradients"}  # before the update: the step is not done, nothing of it is kept
+
+
+def _state_equal(a, b) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def every_step(world):
+    """A 6-step run that kept a checkpoint after every step: what an interrupted run must equal."""
+    run = world["tmp"] / "every_step"
+    train(load_config("small", TINY + ["train.steps=6", "train.checkpoint_every=1", "train.keep_checkpoints=0"]),
+          world["images"], run, progress=False)
+    return run
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_at_any_point_of_a_step_keeps_one_whole_step(world, every_step, tmp_path, monkeypatch, signum):
+    """SIGTERM or Ctrl-C at each point of step 3 (an injected hook sends it there): the checkpoint holds the
+    weights, optimizer state, RNG state, step and metrics lines of one completed step (2 when the signal came
+    before the update, else 3), each equal bit for bit to those of an uninterrupted run; resuming then ends
+    with the uninterrupted run's weights."""
+    import grandmother.training.loop as loop
+    from grandmother.training.runtime import Terminated
+    cfg = load_config("small", TINY + ["train.steps=6", "train.checkpoint_every=3"])
+    for point in STEP_POINTS:
+        run = tmp_path / point
+        sent = []
+
+        def hook(where, step, point=point):
+            if where == point and step == 2 and not sent:
+                sent.append(where)
+                os.kill(os.getpid(), signum)
+        monkeypatch.setattr(loop, "step_points", hook)
+        with pytest.raises(Terminated if signum == signal.SIGTERM else KeyboardInterrupt) as raised:
+            train(cfg, world["images"], run, progress=False)
+        monkeypatch.setattr(loop, "step_points", None)
+        assert sent and (signum != signal.SIGINT or not isinstance(raised.value, Terminated)), point
+        at = 2 if point in DROPPED else 3
+        ckpt = latest_checkpoint(run)
+        tensors, state, meta = load_checkpoint(ckpt)
+        want_tensors, want_state, want_meta = load_checkpoint(every_step / CKPT_DIR / f"step_{at:08d}")
+        assert meta["step"] == at and meta["images_seen"] == want_meta["images_seen"], point
+        assert _state_equal(tensors, want_tensors), f"{point}: the weights are not those of step {at}"
+        assert _state_equal(state["optimizer"], want_state["optimizer"]), f"{point}: optimizer state"
+        assert _state_equal(state["rng"]["torch"], want_state["rng"]["torch"]), f"{point}: RNG state"
+        steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, at + 1)), (point, steps)
+        train(cfg, world["images"], run, resume=True, progress=False)
+        assert same_weights(run, every_step), f"{point}: resume differs from the uninterrupted run"
+
+
+# ================================================================ one writer per folder
+
+HOLD = """import sys, time
+from pathlib import Path
+from grandmother.io import folder_lock
+with folder_lock(Path(sys.argv[1]), sys.argv[2], beside=sys.argv[3] == "beside"):
+    print("HELD", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold_lock(folder: Path, what: str, beside: bool = False) -> subprocess.Popen:
+    """Another process holding the lock of `folder` (as `grandmother WHAT` would)."""
+    job = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), what, "beside" if beside else "inside"],
+                           env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert job.stdout.readline().strip() == "HELD", job.stderr.read()[-2000:]
+    return job
+
+
+def refused_by_lock(r: subprocess.CompletedProcess, holder: int, what: str) -> None:
+    err = r.stderr.strip()
+    assert r.returncode == 2, (r.returncode, err[-2000:])
+    assert err.startswith("grandmother: error:") and "\n" not in err and "Traceback" not in err, err
+    assert f"grandmother {what} (PID {holder})" in err and "in use" in err, err
+
+
+def test_a_second_train_in_a_run_folder_is_refused_in_every_engine(world, tmp_path):
+    from grandmother.distributed.parallel.engine import train_model_parallel
+    run = tmp_path / "run"
+    job = start_patched(SLOW_STEPS, *_train_argv(world, run, 100000))
+    wait_for(lambda: _metrics_steps(run) >= 2, job, what="2 training steps")
+    refused_by_lock(grandmother(*_train_argv(world, run, 100000, "--resume")), job.pid, "train")
+    engines = [(train, TINY), (train_model_parallel, TINY + ["train.partition=2x1", "train.device=cpu"])]
+    if importlib.util.find_spec("ray") is not None:
+        from grandmother.distributed.downpour import train_downpour
+        engines.append((train_downpour, TINY + ["engine=downpour", "train.norm_control=none"]))
+    for engine, sets in engines:  # before anything else: no Ray, no workers started
+        with pytest.raises(GrandmotherError, match=rf"in use: grandmother train \(PID {job.pid}\)"):
+            engine(load_config("small", sets + ["train.steps=100000"]), world["images"], run, resume=True,
+                   progress=False)
+    assert job.poll() is None, "the first writer went on"
+    sigterm_stops_at_a_checkpoint(job, run, timeout=60)
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)), "one writer: metrics.jsonl describes one run"
+    assert not (run / ".lock").exists(), "the lock file goes with its holder"
+
+
+@pytest.mark.parametrize("command", ["ingest", "run", "probe"])
+def test_ingest_run_and_probe_take_the_lock_of_their_output(world, tmp_path, command):
+    out = tmp_path / "out"
+    argv = {"ingest": ["ingest", world["images"], "--size", "32", "--out", out, "--quiet"],
+            "run": ["run", world["images"], "--out", out, "--steps", "1", "--set", "train.batch_size=8"],
+            "probe": ["probe", world["run"], "--testset", world["testset"], "--linear-filters", "0",
+                      "--no-random-weights", "--out", out]}[command]
+    holder = hold_lock(out, command, beside=command in ("ingest", "run"))
+    try:
+        refused_by_lock(grandmother(*argv), holder.pid, command)
+        assert not (out / "index.json").exists() and not (out / "run.json").exists()
+        assert not (out / "probe.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(world, tmp_path):
+    run = tmp_path / "run"
+    holder = hold_lock(run, "train")
+    holder.kill()  # SIGKILL: no chance to release it; the lock file stays, with the dead holder's PID
+    holder.wait()
+    assert (run / ".lock").read_text().split()[0] == str(holder.pid)
+    r = grandmother(*_train_argv(world, run, 2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"taking over the lock of grandmother train (PID {holder.pid})" in r.stderr
+    assert read_meta(latest_checkpoint(run))["step"] == 2 and not (run / ".lock").exists()
+    # a command that fails before writing anything leaves no folder behind for its lock
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = grandmother(*_train_argv({"images": empty}, tmp_path / "new" / "run", 2))
+    assert r.returncode == 2 and "no images" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
+
+
+def test_experiments_run_never_clears_a_run_another_process_holds(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import importlib
+    exp = importlib.import_module("run")
+    monkeypatch.setattr(exp, "RUNS", tmp_path / "exp")
+    name = next(iter(exp.RECIPES))
+    run = tmp_path / "exp" / name
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')  # a run in progress: no timing.json yet
+    holder = hold_lock(run, f"experiments/run.py {name}")
+    try:
+        with pytest.raises(SystemExit) as stop:
+            exp.main([name, "--train-only"])
+        assert f"PID {holder.pid}" in str(stop.value) and "in use" in str(stop.value)
+        assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n', "a run still training was cleared"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ================================================================ bad files
+
+def test_npy_files_are_read_without_pickles_and_named_when_bad(world, tmp_path, capsys):
+    from grandmother.io import load_npy
+    marker = tmp_path / "EXECUTED"
+    evil = tmp_path / "evil.npy"
+    np.save(evil, np.array([CreatesFile(marker)], dtype=object), allow_pickle=True)
+    np.load(evil, allow_pickle=True)  # the control: loading it with pickles allowed runs the code
+    assert marker.exists()
+    marker.unlink()
+    truncated = tmp_path / "truncated.npy"
+    np.save(truncated, np.zeros((4, 4), np.uint8))
+    truncated.write_bytes(truncated.read_bytes()[:70])
+    for path in (evil, truncated):
+        for mmap in (False, True):
+            with pytest.raises(GrandmotherError, match=str(path)):
+                load_npy(path, mmap=mmap)
+    assert not marker.exists()
+    # a dataset whose shard is that object array: `train` names the shard in one line
+    data = tmp_path / "data"
+    assert cli(["ingest", str(world["images"]), "--size", "32", "--out", str(data), "--quiet"]) == 0
+    shard = next(data.glob("shard_*.npy"))
+    shutil.copy(evil, shard)
+    err = one_line_error(capsys, ["train", "--preset", "small", *TINY_FLAGS, "--steps", "1", "--data", data,
+                                  "--out", tmp_path / "run"])
+    assert str(shard) in err and "object array" in err
+    assert not marker.exists()
+    loads = [line for p in ROOT.joinpath("grandmother").rglob("*.py") for line in p.read_text().splitlines()
+             if "np.load(" in line and "labels.npy" not in line]  # test-set labels: issue 23's testset part
+    assert loads and all("allow_pickle=False" in line for line in loads), loads
+
+
+@pytest.mark.parametrize("model", ["5", "[1, 2]", "'text'"])
+def test_a_preset_file_of_the_wrong_shape_is_one_line(tmp_path, capsys, model):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"model: {model}\n")
+    for argv in (["model-info", "--preset", preset],
+                 ["model-info", "--preset", preset, "--set", "model.stages.*.maps=2"]):
+        err = one_line_error(capsys, argv)
+        assert str(preset) in err and "model" in err and "expected a mapping" in err
+
+
+# ================================================================ smaller ones
+
+def test_nothing_to_train_says_so_instead_of_a_nan_loss(world, tmp_path, capsys):
+    run = copy_run(world, tmp_path / "run")  # trained to step 2
+    for steps, want in ((2, "the run is at step 2 of 2"), (1, "the run is at step 2, past --steps 1")):
+        assert cli(["train", "--preset", "small", *TINY_FLAGS, "--steps", str(steps), "--data",
+                    str(world["images"]), "--out", str(run), "--resume"]) == 0
+        out = capsys.readouterr().out
+        assert f"nothing to train: {want}" in out and "nan" not in out, out
+    assert cli(["train", "--preset", "small", *TINY_FLAGS, "--steps", "0", "--data", str(world["images"]),
+                "--out", str(tmp_path / "zero")]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train: the run is at step 0 of 0" in out and "nan" not in out, out
+
+
+# ================================================================ distributed faults end in one line
+
+def _spawned_workers(pid: int) -> list[int]:
+    """The model-parallel worker processes of a `train --model-parallel` process, lowest PID first."""
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid and b"spawn_main" in cmd:
+                out.append(int(p))
+    return sorted(out)
+
+
+def _start_model_parallel(world, run: Path) -> tuple[subprocess.Popen, list[int]]:
+    job = start(*_train_argv(world, run, 100000, "--model-parallel", "2", "--device", "cpu"))
+    wait_for(lambda: latest_checkpoint(run) is not None and _metrics_steps(run) >= 3, job, timeout=120,
+             what="a model-parallel checkpoint")
+    workers = _spawned_workers(job.pid)
+    assert len(workers) == 2, workers
+    return job, workers
+
+
+@pytest.mark.slow
+def test_a_killed_model_parallel_worker_is_one_line(world, tmp_path):
+    run = tmp_path / "mp"
+    job, workers = _start_model_parallel(world, run)
+    os.kill(workers[0], signal.SIGKILL)  # worker 0 writes the checkpoints and holds the progress bar
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 1, err[-2000:]
+    line = err.strip()
+    assert line.startswith("grandmother: error:") and "\n" not in line, err[-2000:]  # no traceback, no warning
+    assert f"(PID {workers[0]}) was killed by SIGKILL" in line and "--resume" in line
+    assert latest_checkpoint(run).name in line
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{p}").exists() for p in workers), "a worker outlived the run"
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_model_parallel_worker_stops_the_run_with_exit_143(world, tmp_path):
+    run = tmp_path / "mp"
+    job, workers = _start_model_parallel(world, run)
+    meta = sigterm_stops_at_a_checkpoint(job, run, timeout=90, pid=workers[-1])  # not the parent: one worker
+    assert meta["step"] >= 3 and meta["model_parallel"] == "2x1"
+
+
+# the driver's first checkpoint: parameter shard 1 is killed just before the driver collects the shards' state
+KILL_SHARD_IN_CHECKPOINT = """
+import ray
+import grandmother.distributed.downpour as dp
+real = dp.DownpourJob.checkpoint
+def checkpoint(self):
+    ray.kill(self.shards[1])
+    time.sleep(1)
+    return real(self)
+dp.DownpourJob.checkpoint = checkpoint
+"""
+
+DOWNPOUR_FLAGS = ["--set", "train.norm_control=none", "--engine", "downpour", "--replicas", "1", "--replica-cpus",
+                  "0.5", "--ps-shards", "2"]
+
+
+@pytest.mark.ray
+def test_a_shard_lost_while_the_driver_collects_a_checkpoint_is_one_line(world, tmp_path):
+    pytest.importorskip("ray")
+    run = tmp_path / "dp"
+    job = start_patched(KILL_SHARD_IN_CHECKPOINT, "train", "--preset", "small", *TINY_FLAGS, *DOWNPOUR_FLAGS,
+                        "--set", "downpour.ps_checkpoint_every=3", "--steps", "100000", "--data", world["images"],
+                        "--out", run)
+    out, err = job.communicate(timeout=180)
+    assert job.returncode == 1, err[-3000:]
+    assert "Traceback" not in err and "ActorDiedError:" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("grandmother: error: parameter shard 1 was lost (") and "--resume" in last, last
+    assert "while the driver collected a checkpoint" in last
+
+
+def test_ray_sessions_of_dead_drivers_are_cleaned_and_no_others(tmp_path):
+    """clean_dead_sessions on a Ray temp folder holding: the recorded session of a driver that is gone, with a
+    Ray process still working in it (named ray::..., as Ray's agents name themselves) and another program
+    reading a file there; the recorded session of a driver that still runs; a session no driver recorded."""
+    pytest.importorskip("ray")
+    from grandmother.distributed.ray_local import MARKS, _started, clean_dead_sessions
+    root = tmp_path / "ray"
+    sessions = {k: root / f"session_2026-01-01_00-00-00_00000{i}_{i}" for i, k in enumerate(["dead", "live", "other"])}
+    for folder in sessions.values():
+        (folder / "logs").mkdir(parents=True)
+        (folder / "logs" / "agent.out").write_text("log\n")
+    log = sessions["dead"] / "logs" / "agent.out"
+    agent = subprocess.Popen(["bash", "-c", f'exec -a "ray::FakeAgent" sleep 120 < "{log}"'])
+    reader = subprocess.Popen(["bash", "-c", f'exec sleep 120 < "{log}"'])  # not Ray's: left alone
+    live = subprocess.Popen(["sleep", "120"])  # a driver that still runs
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    try:
+        wait_for(lambda: Path(f"/proc/{agent.pid}/cmdline").read_bytes().startswith(b"ray::"), what="the agent")
+        (root / MARKS).mkdir()
+        for pid, session in ((int(dead), sessions["dead"]), (live.pid, sessions["live"])):
+            (root / MARKS / f"{pid}.json").write_text(json.dumps({"pid": pid, "started": _started(pid) or 1,
+                                                                 "session": str(session)}))
+        clean_dead_sessions(root)
+        assert not sessions["dead"].exists() and agent.wait(timeout=10) == -signal.SIGKILL
+        assert reader.poll() is None and live.poll() is None
+        assert sessions["live"].is_dir() and sessions["other"].is_dir()
+        assert sorted(p.name for p in (root / MARKS).iterdir()) == [f"{live.pid}.json"]
+    finally:
+        for p in (agent, reader, live):
+            p.kill()
+            p.wait()
+
+
+def _processes_in(session: Path) -> list[str]:
+    """Live processes whose command line names `session` or that hold a file in it."""
+    found = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+            links = [os.readlink(f"/proc/{p}/fd/{fd}") for fd in os.listdir(f"/proc/{p}/fd")]
+        except OSError:
+            continue
+        if str(session) in cmd or any(link.startswith(str(session) + "/") for link in links):
+            found.append(f"{p}: {cmd[:80]}")
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_after_a_driver_sigkill_the_next_start_cleans_up_its_ray_session(world, tmp_path):
+    pytest.importorskip("ray")
+    from grandmother.distributed.ray_local import MARKS, temp_root
+    run = tmp_path / "dp"
+    argv = ["train", "--preset", "small", *TINY_FLAGS, *DOWNPOUR_FLAGS, "--data", world["images"], "--out", run]
+    job = start(*argv, "--steps", "100000")
+    wait_for(lambda: _metrics_steps(run) >= 3, job, timeout=120, what="3 Downpour steps")
+    mark = temp_root({}) / MARKS / f"{job.pid}.json"
+    session = Path(json.loads(mark.read_text())["session"])
+    assert session.is_dir() and _processes_in(session)
+    job.kill()  # SIGKILL: the driver cannot stop its embedded Ray
+    job.wait()
+    again = grandmother(*argv, "--steps", "2", "--resume", timeout=180)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not session.exists() and not mark.exists(), "the dead driver's session folder is still there"
+    assert not _processes_in(session), _processes_in(session)
+
+
+def test_every_fault_test_is_listed_in_docs_safety():
+    """docs/safety.md lists every case these tests cover, with the command that shows it."""
+    import ast
+    names = [n.name for n in ast.parse(Path(__file__).read_text()).body
+             if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+    page = (ROOT / "docs" / "safety.md").read_text()
+    missing = [n for n in names if f"`{n}`" not in page and n != "test_every_fault_test_is_listed_in_docs_safety"]
+    assert not missing, f"add a row to docs/safety.md for: {missing}"

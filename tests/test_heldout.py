@@ -1,7 +1,6 @@
 """Held-out evaluation (grandmother/heldout.py): split, per-unit choice and AUC, bootstrap, trivial cues."""
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest

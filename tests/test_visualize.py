@@ -1,7 +1,6 @@
 """visualize / invariance / report: optimal stimulus, translation curves, the HTML report, bad input."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 

@@ -71,7 +71,7 @@ class ProtocolState:
     def load(cls, path: Path, fingerprint: str, n_units: int) -> "ProtocolState | None":
         """The saved state if it belongs to this very computation, else None (start over)."""
         try:
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:  # a cache: anything unreadable means start over
                 if str(z["fingerprint"]) != fingerprint or len(z["mins"]) != n_units:
                     return None
                 st = cls(n_units)

@@ -6,7 +6,8 @@ One module per group of subcommands; each provides
 
 and its cmd_ functions turn parsed flags into calls of the library (grandmother/*.py), which never
 imports this package. Errors meant for the user (GrandmotherError), flags argparse refuses, and OS errors
-that reach this far (an output that cannot be written) print as one line, `grandmother: error: ...`.
+that reach this far (an output that cannot be written) print as one line, `grandmother: error: ...`, and
+exit with status 2 (1 for a JobFailed: a worker or an actor of a running job was lost).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except GrandmotherError as e:
         print(f"grandmother: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except OSError as e:  # a file the library did not wrap (outputs are, by io.writing): name it, one line
         where = f"{e.filename}: " if e.filename is not None else ""
         print(f"grandmother: error: {where}{describe_os_error(e)}", file=sys.stderr)

@@ -9,16 +9,18 @@ from grandmother.commands.common import check_positive, command_line
 
 def cmd_probe(args) -> int:
     from grandmother.analysis.probe import format_table, run_probe
+    from grandmother.io import folder_lock
     from grandmother.analysis.probe_heldout import HeldoutSettings
     check_positive(bootstrap=args.bootstrap, random_seeds=args.random_seeds)
     heldout = None if args.no_heldout else HeldoutSettings(
         split_seed=args.split_seed, direction=args.direction, bootstrap=args.bootstrap,
         random_seeds=0 if args.no_random_weights else args.random_seeds)
-    res = run_probe(args.run_dir, args.testset, args.out, ablation=args.ablation, autoencoders=args.autoencoder,
-                    linear_filters=args.linear_filters, train_data=args.train_data, kmeans_train=args.kmeans_train,
-                    kmeans_centroids=args.kmeans_centroids, random_weights=not args.no_random_weights,
-                    batch_size=args.batch_size, device=args.device, concept=args.concept, progress=True,
-                    heldout=heldout, command=command_line())
+    with folder_lock(Path(args.out), "probe"):
+        res = run_probe(args.run_dir, args.testset, args.out, ablation=args.ablation, autoencoders=args.autoencoder,
+                        linear_filters=args.linear_filters, train_data=args.train_data,
+                        kmeans_train=args.kmeans_train, kmeans_centroids=args.kmeans_centroids,
+                        random_weights=not args.no_random_weights, batch_size=args.batch_size, device=args.device,
+                        concept=args.concept, progress=True, heldout=heldout, command=command_line())
     print(format_table(res))
     print(f"wrote {Path(args.out) / 'probe.json'}")
     return 0

@@ -17,10 +17,12 @@ def print_json(obj) -> int:
 def cmd_ingest(args):
     from grandmother.data.ingest import ingest
     from grandmother.data.rebalance import Rebalance, summary_line
+    from grandmother.io import folder_lock
     rebalance = Rebalance.from_flags(args.max_face_fraction, args.face_paths, args.rebalance_seed)
-    index = ingest(args.sources, Path(args.out), size=args.size, color=args.color, seed=args.seed,
-                   frames_per_video=args.frames_per_video, workers=args.workers, shard_size=args.shard_size,
-                   exclude=args.exclude, overwrite=args.overwrite, progress=not args.quiet, rebalance=rebalance)
+    with folder_lock(Path(args.out), "ingest", beside=True):  # OUT is built as OUT.partial, then renamed
+        index = ingest(args.sources, Path(args.out), size=args.size, color=args.color, seed=args.seed,
+                       frames_per_video=args.frames_per_video, workers=args.workers, shard_size=args.shard_size,
+                       exclude=args.exclude, overwrite=args.overwrite, progress=not args.quiet, rebalance=rebalance)
     if args.json:
         return print_json(index)
     print(f"{args.out}: {index['images']} images of {index['size']}x{index['size']} {index['color']} in "

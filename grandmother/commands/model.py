@@ -81,9 +81,18 @@ def cmd_train(args):
     else:
         from grandmother.training.loop import train
         summary = train(cfg, Path(args.data), Path(args.out), resume=args.resume, force_resume=args.force_resume)
+    print(train_summary(summary))
+
+
+def train_summary(summary: dict) -> str:
+    """The last line of `train`: what was trained, or that there was nothing to train."""
+    steps, at = summary["steps"], summary.get("start_step", 0)
+    if at >= steps:
+        where = f"at step {at} of {steps}" if at == steps else f"at step {at}, past --steps {steps}"
+        return f"nothing to train: the run is {where}; run directory {summary['run_dir']}"
     final = summary.get("final") or {}
-    print(f"trained {summary['steps']} steps ({summary['images_seen']} images); "
-          f"final loss {final.get('loss', float('nan')):.4g}; run directory {summary['run_dir']}")
+    loss = f"final loss {final['loss']:.4g}" if "loss" in final else "no loss logged"
+    return f"trained {steps} steps ({summary['images_seen']} images); {loss}; run directory {summary['run_dir']}"
 
 
 def register(sub):

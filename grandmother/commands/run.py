@@ -8,11 +8,13 @@ from grandmother.commands.common import add_config_arguments, add_rebalance_argu
 
 
 def cmd_run(args):
+    from grandmother.io import folder_lock
     from grandmother.pipeline.job import run_pipeline
-    run_pipeline(args.sources, Path(args.out), preset=args.preset, overrides=args.overrides, steps=args.steps,
-                 minutes=args.minutes, testsets=args.testset, frames_per_video=args.frames_per_video,
-                 workers=args.workers, restart_from=args.restart_from, max_face_fraction=args.max_face_fraction,
-                 face_paths=args.face_paths, rebalance_seed=args.rebalance_seed, command=command_line())
+    with folder_lock(Path(args.out), "run", beside=True):  # beside DIR: `run` wants DIR empty or its own
+        run_pipeline(args.sources, Path(args.out), preset=args.preset, overrides=args.overrides, steps=args.steps,
+                     minutes=args.minutes, testsets=args.testset, frames_per_video=args.frames_per_video,
+                     workers=args.workers, restart_from=args.restart_from, max_face_fraction=args.max_face_fraction,
+                     face_paths=args.face_paths, rebalance_seed=args.rebalance_seed, command=command_line())
 
 
 def register(sub):

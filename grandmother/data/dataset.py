@@ -10,7 +10,7 @@ Layout of a DATA_DIR (written by `grandmother ingest`, `filter-faces` and `tests
     index.json          {"format": "grandmother-dataset", "images": N, "size": S, "channels": C,
                          "color": "rgb"|"gray", "shards": [{"file": "shard_00000.npy", "images": n}, ...],
                          "skipped": [{"path", "reason"}], "duplicates": D, "sources": [...], ...}
-    shard_00000.npy     uint8 (n, S, S, C), plain NumPy .npy, opened with np.load(mmap_mode="r")
+    shard_00000.npy     uint8 (n, S, S, C), plain NumPy .npy, memory-mapped (io.load_npy: never a pickle)
     shard_00000.json    per-shard provenance: {"items": [{"path", "frame"?}, ...], "hashes": [...], ...}
 
 Every file is written to a temporary name and renamed (grandmother/io.py); a shard counts as finished
@@ -35,7 +35,7 @@ import torch
 
 from grandmother.errors import GrandmotherError
 from grandmother.data.images import IMAGE_EXTENSIONS, Skipped, fit_image, list_images, load_image, unreadable_reason
-from grandmother.io import atomic_path, atomic_write_json, make_dir, writing
+from grandmother.io import atomic_path, atomic_write_json, load_npy, make_dir, writing
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +176,7 @@ class ShardedDataset(torch.utils.data.Dataset):
                 if int(s["images"]) == 0:
                     arrays.append(np.zeros((0, self.size, self.size, self.channels), np.uint8))
                     continue
-                try:
-                    a = np.load(self.root / s["file"], mmap_mode="r", allow_pickle=False)
-                except ValueError as e:  # an object array, a damaged header
-                    raise GrandmotherError(f"{self.root / s['file']}: not an image array ({str(e).splitlines()[0]}); "
-                                           f"the dataset is damaged, re-run ingest into a new --out") from None
+                a = load_npy(self.root / s["file"], mmap=True)
                 if a.shape != (int(s["images"]), self.size, self.size, self.channels) or a.dtype != np.uint8:
                     raise GrandmotherError(f"{self.root / s['file']}: shape {a.shape} {a.dtype} does not match "
                                            f"index.json; the dataset is damaged, re-run ingest into a new --out")

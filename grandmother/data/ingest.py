@@ -34,7 +34,7 @@ from grandmother.data.dataset import (COLORS, FORMAT, check_output_dir, finish_d
                       write_shard)
 from grandmother.data.rebalance import DETECT_MAX_SIDE, Rebalance, choose, detect_face, is_face_path
 from grandmother.errors import GrandmotherError
-from grandmother.io import atomic_write_json, make_dir, read_path_list
+from grandmother.io import atomic_write_json, load_npy, make_dir, read_path_list
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def write_rebalanced(work: Path, out: Path, metas: list[dict], rebalance: Rebala
         mask = np.array(keep[start:start + n], bool)
         flags = faces[start:start + n]
         start += n
-        arr = np.load(work / shard_name(k)) if n else np.zeros((0, size, size, channels), np.uint8)
+        arr = load_npy(work / shard_name(k)) if n else np.zeros((0, size, size, channels), np.uint8)
         new = dict(m, items=[dict(it, face=f) for it, f, x in zip(m["items"], flags, mask) if x],
                    hashes=[h for h, x in zip(m["hashes"], mask) if x],
                    rebalanced_out=[it for it, x in zip(m["items"], mask) if not x])

@@ -40,13 +40,14 @@ import numpy as np
 import ray
 import torch
 
-from grandmother.training.checkpoint import load_checkpoint, read_meta, rng_state, save_checkpoint
+from grandmother.training.checkpoint import latest_checkpoint, load_checkpoint, read_meta, rng_state, save_checkpoint
 from grandmother.training.runs import continue_run, model_signature, start_run
 from grandmother.config import Config, save_config
+from grandmother.distributed.ray_local import clean_dead_sessions, no_dashboard, ray_get, recorded_session, temp_root
 from grandmother.distributed.shards import FlatLayout, ParamShard, shard_bounds
 from grandmother.distributed.replica import Replica
-from grandmother.errors import GrandmotherError
-from grandmother.io import append_jsonl
+from grandmother.errors import GrandmotherError, JobFailed
+from grandmother.io import append_jsonl, folder_lock
 from grandmother.nn.model import build_network
 from grandmother.training.runtime import seed_everything, sigterm_as_interrupt
 
@@ -117,7 +118,7 @@ def connect_ray(cfg: Config) -> bool:
     """Start an embedded Ray or join a cluster; True if this call started/joined it (and must shut it down).
 
     The one place that calls ray.init. The embedded instance listens on 127.0.0.1 only (GCS, raylet,
-    object manager, workers) and starts no dashboard; authentication stays at Ray's default (token
+    object manager, workers) and starts no dashboard process; authentication stays at Ray's default (token
     authentication in Ray >= 2.5x, the token in ~/.ray/auth_token). docs/safety.md says how a cluster is
     secured and how to turn authentication off.
     """
@@ -161,15 +162,19 @@ def _loopback_node():
 
 
 def start_local_ray(**kwargs):
-    """ray.init() of a new single-machine instance bound to 127.0.0.1, dashboard off; its RayContext.
+    """ray.init() of a new single-machine instance bound to 127.0.0.1, no dashboard process; its RayContext.
 
     Ray binds its gRPC servers to 127.0.0.1 only when the node's address is literally 127.0.0.1, and on
     Linux it replaces a given 127.0.0.1 by the machine's outward address unless its "no cluster" mode (the
     one Ray uses on macOS and Windows) is on. That mode is switched on for the call and checked after it.
+    First, what the instances of earlier drivers killed with SIGKILL left is cleaned up (ray_local.py).
     """
-    with _loopback_node():
+    root = temp_root(kwargs)
+    clean_dead_sessions(root)
+    with recorded_session(root) as session, _loopback_node(), no_dashboard():
         # address="local": a new instance even where `ray start` left a cluster running on this machine.
         ctx = ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, **kwargs)
+        session["session"] = ctx.address_info.get("session_dir")
     info = dict(ctx.address_info)
     if info.get("node_ip_address") != LOOPBACK:
         ray.shutdown()
@@ -193,7 +198,7 @@ class DownpourJob:
         shard_cls = ray.remote(num_cpus=0)(ParamShard)
         self.shards = [shard_cls.remote(k, flat[self.bounds[k]:self.bounds[k + 1]].numpy(), cfg.train, shard_states[k])
                        for k in range(d.ps_shards)]
-        ray.get([s.ping.remote() for s in self.shards])
+        self._get([s.ping.remote() for s in self.shards], "the parameter shards started")
         self.dataset_ref = ray.put(dataset)  # one copy in the object store; replicas on a node share it
         self.replica_cls = ray.remote(Replica)
         self.actors, self.gens, self.restarts = {}, {}, {r: 0 for r in range(d.replicas)}
@@ -201,9 +206,20 @@ class DownpourJob:
         self.started_at = {r: [] for r in range(d.replicas)}  # replica -> local step of each (re)start
         self.joined_at = {}  # replica -> steps of the whole job done when it first started (warm start)
 
+    def _get(self, refs: list, what: str, timeout: float | None = None, names: list[str] | None = None):
+        """ray.get of one call to each parameter shard (or to the actors `names` names): a lost one ends the
+        job in one line (JobFailed) that names it and the checkpoint the run continues from."""
+        try:
+            return ray_get(refs, what, names or [f"parameter shard {k}" for k in range(len(refs))], timeout)
+        except JobFailed as e:
+            last = latest_checkpoint(self.out_dir, quiet=True)
+            where = f"the last checkpoint is {last.name}" if last else "there is no checkpoint yet"
+            raise JobFailed(f"{e}; the job stops ({where}): continue with --resume") from None
+
     def progress(self, replica: int) -> tuple[int, int]:
         """(last seq, local step) this replica's pushes reached on EVERY shard (the smallest seq)."""
-        return min(ray.get([s.progress.remote(replica) for s in self.shards]))
+        return min(self._get([s.progress.remote(replica) for s in self.shards], f"asking how far replica "
+                             f"{replica} got"))
 
     def start(self, r: int):
         d = self.cfg.downpour
@@ -227,16 +243,11 @@ class DownpourJob:
         self.start(r)
 
     def dead_shard_check(self):
-        for k, s in enumerate(self.shards):
-            try:
-                ray.get(s.ping.remote(), timeout=30)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                raise GrandmotherError(f"parameter shard {k} died; the job stops. Continue from the last checkpoint "
-                                       f"with --resume") from None
+        self._get([s.ping.remote() for s in self.shards], "checking on the parameter shards", timeout=30)
 
     def checkpoint(self):
         """Collect every shard's state and write one checkpoint in the standard layout."""
-        states = ray.get([s.state.remote() for s in self.shards])
+        states = self._get([s.state.remote() for s in self.shards], "the driver collected a checkpoint")
         flat = torch.from_numpy(np.concatenate([np.asarray(st.pop("params")) for st in states]))
         d = self.cfg.downpour
         # The resume point of each replica: the step its pushes reached on every shard.
@@ -272,7 +283,7 @@ class DownpourJob:
         return rec["pid"]
 
     def push_counts(self) -> list[dict]:
-        return ray.get([s.push_counts.remote() for s in self.shards])
+        return self._get([s.push_counts.remote() for s in self.shards], "the driver collected the push counts")
 
     def shutdown(self):
         for a in list(self.actors.values()) + self.shards:
@@ -288,9 +299,10 @@ def train_downpour(cfg: Config, data_path: Path, out_dir: Path, resume: bool = F
 
     `faults` is a test hook: {"kill": (replica, local_step)} SIGKILLs that replica's process once it
     reports the step; {"lose_ack": (replica, seq)} makes that replica treat that push's ack as lost.
-    SIGTERM and Ctrl-C both end it with a checkpoint of what the shards hold.
+    SIGTERM and Ctrl-C both end it with a checkpoint of what the shards hold. A lost parameter shard ends it
+    in one line (JobFailed). `out_dir` is locked (one writer).
     """
-    with sigterm_as_interrupt():
+    with folder_lock(out_dir, "train"), sigterm_as_interrupt():
         return _train_downpour(cfg, data_path, out_dir, resume, progress, dataset, faults, force_resume)
 
 
@@ -402,7 +414,7 @@ def _drive(job: DownpourJob, cfg: Config, out_dir: Path, ckpt, skipped, progress
                     del job.gens[r]
                     job.restart(r, e)
                     continue
-                except ray.exceptions.RayTaskError as e:
+                except ray.exceptions.RayError as e:  # a task error, a lost object: one line, whatever it is
                     if job.group_failed(r):  # a collective failed because another process of r died
                         del job.gens[r]
                         job.restart(r, e)
@@ -411,7 +423,9 @@ def _drive(job: DownpourJob, cfg: Config, out_dir: Path, ckpt, skipped, progress
                     if isinstance(cause, GrandmotherError):
                         raise GrandmotherError(str(cause)) from None
                     job.dead_shard_check()
-                    raise
+                    first = (str(cause or e).strip().splitlines() or [""])[0][:200]
+                    raise JobFailed(f"replica {r} failed ({type(cause or e).__name__}: {first}); the job stops: "
+                                    f"continue from the last checkpoint with --resume") from None
                 worked = True
                 latest[r], job.steps[r] = rec, rec["step"]
                 if kill and not killed and r == kill[0] and rec["step"] >= kill[1]:
@@ -445,7 +459,8 @@ def _drive(job: DownpourJob, cfg: Config, out_dir: Path, ckpt, skipped, progress
             bar.close()
     counts = job.push_counts()
     final_step = job.checkpoint() if worked or ckpt is None else read_meta(ckpt)["step"]
-    return {"steps": t.steps, "images_seen": final_step * t.batch_size, "final": record, "run_dir": str(out_dir),
+    return {"steps": t.steps, "start_step": start_total, "images_seen": final_step * t.batch_size, "final": record,
+            "run_dir": str(out_dir),
             "skipped": len(skipped), "restarts": dict(job.restarts), "started_at": job.started_at,
             "joined_at": job.joined_at, "push_counts": counts, "checkpoint_step": final_step}
 

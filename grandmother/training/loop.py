@@ -19,10 +19,19 @@ from grandmother.training.runs import continue_run, model_signature, start_run
 from grandmother.config import Config, save_config
 from grandmother.data.dataset import BatchOrder, load_batches
 from grandmother.errors import GrandmotherError
-from grandmother.io import append_jsonl
+from grandmother.io import append_jsonl, folder_lock
 from grandmother.nn.model import Network, build_network
 from grandmother.training.optim import build_optimizer, load_optimizer_state
-from grandmother.training.runtime import resolve_device, seed_everything, sigterm_as_interrupt
+from grandmother.training.runtime import resolve_device, seed_everything, sigterm_as_interrupt, step_is_atomic
+
+# A test hook: step_points(point, step) is called at every point of a training step ("batch", "gradients",
+# "update", "projected", "counted", "logged", "checkpointed", "end"), so tests/test_faults.py can signal there.
+step_points = None
+
+
+def _at(point: str, step: int) -> None:
+    if step_points is not None:
+        step_points(point, step)
 
 
 # ---------------------------------------------------------------- one training step (also what `bench` times)
@@ -40,17 +49,24 @@ def active_stage(train_cfg, step: int, num_stages: int) -> int | None:
     return min(num_stages - 1, step * num_stages // max(1, train_cfg.steps))
 
 
-def train_step(net: Network, opt: torch.optim.Optimizer, batch: torch.Tensor, train_cfg, stage: int | None = None):
-    """One optimizer step on one uint8 batch: objective, backward, optional clipping (train.grad_clip),
-    update, then the norm projection (train.norm_control). `stage` (greedy schedule): only that stage's
-    objective is minimised, so only its weights move (stage gradients are local). Returns the network's
-    output on the batch before the update (loss, per-stage terms, activations)."""
+def gradients(net: Network, opt: torch.optim.Optimizer, batch: torch.Tensor, train_cfg, stage: int | None = None):
+    """The gradients of one step on one uint8 batch: objective, backward, optional clipping
+    (train.grad_clip). Nothing the checkpoint holds changes here. `stage` (greedy schedule): only that
+    stage's objective is minimised, so only its weights move (stage gradients are local). Returns the
+    network's output on the batch (loss, per-stage terms, activations)."""
     out = net(net.prepare(batch), objective=True)
     opt.zero_grad(set_to_none=True)
     t = out.terms[stage] if stage is not None else None
     (out.loss if t is None else t["reconstruction"] + t["sparsity"]).backward()
     if train_cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(net.parameters(), train_cfg.grad_clip)
+    return out
+
+
+def train_step(net: Network, opt: torch.optim.Optimizer, batch: torch.Tensor, train_cfg, stage: int | None = None):
+    """One optimizer step on one uint8 batch: `gradients`, the update, then the norm projection
+    (train.norm_control). Returns the network's output on the batch before the update."""
+    out = gradients(net, opt, batch, train_cfg, stage)
     opt.step()
     net.project_norms(train_cfg.norm_control)
     return out
@@ -66,8 +82,9 @@ def train(cfg: Config, data_path: Path, out_dir: Path, resume: bool = False, pro
           dataset=None, force_resume: bool = False) -> dict:
     """Train `cfg` on the images at `data_path`, writing to `out_dir`. Returns a summary dict.
 
-    SIGTERM and Ctrl-C both end it with a checkpoint at the last completed step (then re-raise)."""
-    with sigterm_as_interrupt():
+    SIGTERM and Ctrl-C both end it with a checkpoint at the last completed step (then re-raise); within a
+    step they wait for its end (step_is_atomic). One writer per run folder: `out_dir` is locked."""
+    with folder_lock(out_dir, "train"), sigterm_as_interrupt():
         return _train(cfg, data_path, out_dir, resume, progress, dataset, force_resume)
 
 
@@ -119,9 +136,28 @@ def _train(cfg, data_path, out_dir, resume, progress, dataset, force_resume) -> 
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=None, dynamic_ncols=True)
-    completed = start_step
-    last_log_t, last_log_images, t0 = time.perf_counter(), images_seen, time.perf_counter()
+    completed = saved = start_step
+    last = {"t": time.perf_counter(), "images": images_seen}
+    t0 = time.perf_counter()
     record = None
+
+    def log(done, loss, terms, out) -> dict:
+        """One metrics.jsonl line for step `done`."""
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise GrandmotherError(f"the loss became {loss_value} at step {done}; lower --lr "
+                                   f"(now {cfg.train.lr}) and resume from the last checkpoint")
+        now = time.perf_counter()
+        stages = [{**t, **d} for t, d in zip(terms_to_floats(terms), net.diagnostics(out))]
+        rec = {"step": done, "images": images_seen, "loss": loss_value, "stages": stages,
+               "images_per_s": (images_seen - last["images"]) / max(now - last["t"], 1e-9),
+               "lr": cfg.train.lr, "elapsed_s": now - t0}
+        append_jsonl(metrics_path, rec)
+        last.update(t=now, images=images_seen)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_value:.4g}", img_s=f"{rec['images_per_s']:.0f}")
+        return rec
+
     try:
         # Batches in step order, decoded by train.num_workers background processes when > 0; the order
         # stays a function of (seed, step), so resume is exact with or without workers.
@@ -129,32 +165,33 @@ def _train(cfg, data_path, out_dir, resume, progress, dataset, force_resume) -> 
                                workers=cfg.train.num_workers, pin_memory=device.type == "cuda")
         for step, batch in zip(range(start_step, steps), batches):
             batch = batch.to(device, non_blocking=True)
-            out = train_step(net, opt, batch, cfg.train, active_stage(cfg.train, step, len(net.stages)))
-            loss, terms = out.loss, out.terms
-            images_seen += batch.shape[0]
-            done = completed = step + 1
-            if done % cfg.train.log_every == 0 or done == steps:
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise GrandmotherError(f"the loss became {loss_value} at step {done}; lower --lr "
-                                           f"(now {cfg.train.lr}) and resume from the last checkpoint")
-                now = time.perf_counter()
-                stages = [{**t, **d} for t, d in zip(terms_to_floats(terms), net.diagnostics(out))]
-                record = {"step": done, "images": images_seen, "loss": loss_value, "stages": stages,
-                          "images_per_s": (images_seen - last_log_images) / max(now - last_log_t, 1e-9),
-                          "lr": cfg.train.lr, "elapsed_s": now - t0}
-                append_jsonl(metrics_path, record)
-                last_log_t, last_log_images = now, images_seen
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4g}", img_s=f"{record['images_per_s']:.0f}")
+            _at("batch", step)
+            out = gradients(net, opt, batch, cfg.train, active_stage(cfg.train, step, len(net.stages)))
+            _at("gradients", step)  # a signal up to here drops the step: nothing was changed yet
+            with step_is_atomic():  # the update and all that counts it: a signal waits for the end
+                opt.step()
+                _at("update", step)
+                net.project_norms(cfg.train.norm_control)
+                _at("projected", step)
+                loss, terms = out.loss, out.terms
+                images_seen += batch.shape[0]
+                done = completed = step + 1
+                _at("counted", step)
+                if done % cfg.train.log_every == 0 or done == steps:
+                    record = log(done, loss, terms, out)
+                    _at("logged", step)
+                if done % cfg.train.checkpoint_every == 0 and done != steps:
+                    checkpoint(done)
+                    saved = done
+                    _at("checkpointed", step)
             if bar is not None:
                 bar.update(1)
-            if done % cfg.train.checkpoint_every == 0 and done != steps:
-                checkpoint(done)
+            _at("end", step)
     except KeyboardInterrupt:
         # Keep the work done so far: a checkpoint at the last completed step, then stop.
         if completed > start_step:
-            checkpoint(completed)
+            if completed != saved:
+                checkpoint(completed)
             print(f"\ninterrupted: checkpoint written at step {completed}; continue with --resume")
         raise
     finally:
@@ -163,6 +200,7 @@ def _train(cfg, data_path, out_dir, resume, progress, dataset, force_resume) -> 
 
     # ============ final checkpoint ============
     if steps > start_step or ckpt is None:
-        checkpoint(steps)
-    return {"steps": steps, "images_seen": images_seen, "final": record, "run_dir": str(out_dir),
-            "skipped": len(skipped)}
+        with step_is_atomic():
+            checkpoint(steps)
+    return {"steps": steps, "start_step": start_step, "images_seen": images_seen, "final": record,
+            "run_dir": str(out_dir), "skipped": len(skipped)}

@@ -169,7 +169,8 @@ class PartitionedDownpourJob:
             index = part_index(self.layout, plans, k)
             for s, (lo, hi) in enumerate(shard_ranges(index, self.bounds)):
                 regs.append(self.shards[s].register_part.remote(k, (index[lo:hi] - self.bounds[s]).numpy()))
-        ray.get(regs)
+        self._get(regs, "the partition was registered with the parameter shards",
+                  names=[f"parameter shard {s}" for _ in range(self.partition.size) for s in range(len(self.shards))])
         self.worker_cls = ray.remote(PartitionWorker)
         self.groups, self.part_gens, self.pids = {}, {}, {}
 
@@ -179,7 +180,9 @@ class PartitionedDownpourJob:
     def progress(self, replica: int) -> tuple[int, int]:
         """(last seq, local step) that EVERY worker of the replica reached on every shard."""
         keys = self.keys(replica)
-        return min(ray.get([s.progress.remote(key) for s in self.shards for key in keys]))
+        return min(self._get([s.progress.remote(key) for s in self.shards for key in keys],
+                             f"asking how far replica {replica} got",
+                             names=[f"parameter shard {k}" for k in range(len(self.shards)) for _ in keys]))
 
     def reached(self, states: list[dict], replica: int) -> int:
         return min((st["last_seq"].get(key, 0), st["last_step"].get(key, 0))
@@ -193,7 +196,8 @@ class PartitionedDownpourJob:
             for k in range(self.partition.size)]
         seq, step = self.progress(r)
         self.groups[r], self.actors[r] = actors, actors[0]
-        self.pids[r] = ray.get([a.pid.remote() for a in actors])
+        self.pids[r] = self._get([a.pid.remote() for a in actors], f"replica {r} started",
+                                 names=[f"replica {r} worker {k}" for k in range(len(actors))])
         self.steps[r] = step
         self.started_at[r].append(step)
         self.joined_at.setdefault(r, sum(self.steps.values()))

@@ -29,13 +29,13 @@ from grandmother.training.checkpoint import latest_checkpoint, load_checkpoint, 
 from grandmother.training.runs import continue_run, model_signature, start_run
 from grandmother.config import Config, save_config
 from grandmother.data.dataset import BatchOrder
-from grandmother.errors import GrandmotherError
-from grandmother.io import append_jsonl
+from grandmother.errors import GrandmotherError, JobFailed
+from grandmother.io import append_jsonl, folder_lock
 from grandmother.nn.model import build_network
 from grandmother.training.optim import build_optimizer
 from grandmother.training.runtime import resolve_device, sigterm_as_interrupt
 from grandmother.distributed.parallel.halo import HALO_BYTES
-from grandmother.distributed.parallel.launch import spawn
+from grandmother.distributed.parallel.launch import WorkerLost, spawn
 from grandmother.distributed.parallel.mp_model import ModelParallelNetwork, clip_grad_norm_, gather_full, reduce_terms
 from grandmother.distributed.parallel.partition import Partition, plan_stages
 
@@ -190,8 +190,10 @@ def train_model_parallel(cfg: Config, data_path: Path, out_dir: Path, resume: bo
     """`train.train` with the replica spread over `cfg.train.partition` workers; same run directory, opened
     by the same checks (checkpoint.start_run / continue_run).
 
-    SIGTERM and Ctrl-C both end it with a checkpoint at the last completed step (then re-raise)."""
-    with sigterm_as_interrupt():
+    SIGTERM and Ctrl-C, to the parent or to any worker, end it with a checkpoint at the last completed step
+    (then re-raise: exit 143 or 130); a worker that dies ends it in one line (JobFailed). The workers act
+    on a signal only between steps, so a step is never cut in two. `out_dir` is locked (one writer)."""
+    with folder_lock(out_dir, "train"), sigterm_as_interrupt():
         return _train_model_parallel(cfg, data_path, out_dir, resume, progress, dataset, force_resume)
 
 
@@ -211,9 +213,14 @@ def _train_model_parallel(cfg, data_path, out_dir, resume, progress, dataset, fo
         print(f"resuming with {partition.size} workers ({partition})")
     save_config(cfg, out_dir / "config.yaml")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    spawn(_worker, partition.size, (cfg, str(partition), dataset, str(out_dir), str(data_path),
-                                    str(ckpt) if ckpt else None, progress, run.fresh_optimizer), backend=backend,
-          stoppable=True)
+    try:
+        spawn(_worker, partition.size, (cfg, str(partition), dataset, str(out_dir), str(data_path),
+                                        str(ckpt) if ckpt else None, progress, run.fresh_optimizer),
+              backend=backend, stoppable=True)
+    except WorkerLost as e:
+        last = latest_checkpoint(out_dir)
+        where = f"its last checkpoint is {last.name}" if last else "it has no checkpoint yet"
+        raise JobFailed(f"{e}; the run stops ({where}): continue with --resume") from None
     last = latest_checkpoint(out_dir)
     meta = read_meta(last)
     final = None
@@ -222,5 +229,6 @@ def _train_model_parallel(cfg, data_path, out_dir, resume, progress, dataset, fo
         import json
         lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
         final = json.loads(lines[-1]) if lines else None
-    return {"steps": cfg.train.steps, "images_seen": meta["images_seen"], "final": final, "run_dir": str(out_dir),
+    return {"steps": cfg.train.steps, "start_step": run.meta["step"] if run.meta else 0,
+            "images_seen": meta["images_seen"], "final": final, "run_dir": str(out_dir),
             "skipped": len(run.skipped), "model_parallel": str(partition)}

@@ -565,3 +565,22 @@ def test_rebalance_detects_faces_on_the_source_image_before_it_is_shrunk(tmp_pat
     det = load_cascade()
     shrunk = ds.get_array([i for i, it in enumerate(items) if it["face"]])
     assert sum(count_faces(det, img) for img in shrunk) == 0  # at 32x32 the cascade sees none of them
+
+
+def test_ingest_leaves_out_a_test_persons_folder_wherever_it_is(tmp_path):
+    """`run` passes the persons of its folder-grouped test sets: an LFW person held out for testing is left
+    out of training even where the user's sources hold other photos of them (issue 20: run ../shared/data)."""
+    from conftest import make_images
+    from grandmother.data.ingest import ingest
+    from grandmother.pipeline.stages import test_persons
+    src = tmp_path / "src"
+    for person in ("Ann_A", "Bob_B"):
+        make_images(src / "lfw" / person, n=3, size=40, seed=len(person))
+    make_images(src / "objects", n=4, size=40, seed=9)
+    index = {"group_by": "folder", "test_identities": ["0:Ann_A", "0:", "1:a/b"]}
+    assert test_persons(index) == {"Ann_A"} and test_persons({"group_by": "file", "test_identities": ["0:x"]}) == set()
+    kept = ingest([str(src)], tmp_path / "data", size=32, color="gray", exclude_folders=test_persons(index),
+                  progress=False)
+    assert kept["images"] == 7 and kept["excluded"] == 3
+    from grandmother.data.dataset import open_dataset
+    assert not any("/Ann_A/" in it["path"] for it in open_dataset(tmp_path / "data").items())

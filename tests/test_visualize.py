@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -13,7 +14,11 @@ from grandmother.config import load_config, save_config
 from grandmother.analysis.invariance import angle_of, rotation_curve, run_invariance, warp
 from grandmother.nn.model import Network
 from grandmother.analysis.units import Unit, unit_activation
-from grandmother.analysis.visualize import balanced_subsample, optimal_stimulus, run_visualize
+from grandmother.analysis.stimulus import StimulusSettings, optimal_stimulus, stimulus_similarity
+from grandmother.errors import GrandmotherError
+from grandmother.analysis.visualize import balanced_subsample, run_visualize
+
+PLAIN = dict(parameterization="pixel", jitter=0)  # the paper's problem, solved exactly
 from conftest import make_images, write_run
 
 
@@ -50,7 +55,7 @@ def test_optimal_stimulus_of_a_linear_unit_is_its_normalised_weight_vector():
     w[:, 3:8, 4:9] = net.stages[0].filter.encoder[3, 4, 1]
     assert torch.allclose(dense_linear_map(net, unit), w, atol=1e-5)  # the unit really is <w, x>
 
-    x, value, info = optimal_stimulus(net, unit, restarts=3, seed=0)
+    x, value, info = optimal_stimulus(net, unit, StimulusSettings(restarts=3, seed=0, **PLAIN))
     radius = math.sqrt(3 * 12 * 12)
     assert abs(float(x.norm()) - radius) < 1e-3 * radius
     cosine = float((x * w).sum() / (x.norm() * w.norm()))
@@ -70,11 +75,54 @@ def test_optimal_stimulus_of_a_pooling_unit_is_the_top_eigenvector():
     a = torch.stack(rows).numpy()
     evals, evecs = np.linalg.eigh(a.T @ a)
     radius = 10.0
-    x, value, _ = optimal_stimulus(net, unit, restarts=4, seed=0)
+    x, value, _ = optimal_stimulus(net, unit, StimulusSettings(restarts=4, seed=0, **PLAIN))
     expected = math.sqrt(cfg.model.pool_eps + radius ** 2 * evals[-1])
     assert abs(value - expected) < 2e-3 * expected, (value, expected)
     top = torch.from_numpy(evecs[:, -1]).float()
     assert abs(float((x.flatten() * top).sum() / x.norm())) > 0.995
+
+
+def test_receptive_field_evenness_and_correlation_of_the_stimulus():
+    from grandmother.analysis.stimulus import correlation, is_even, receptive_field
+    cfg = one_stage_config(size=12, channels=1, field=5, maps=2)
+    net = frozen(Network(cfg.model, generator=torch.Generator().manual_seed(3)))
+    filt, pool = Unit(0, "filter", 1, 3, 4), Unit(0, "pool", 0, 2, 1)
+    rf = receptive_field(net, filt)
+    expect = np.zeros((12, 12), bool)
+    expect[3:8, 4:9] = True
+    np.testing.assert_array_equal(rf, expect)  # a first-stage filter sees its 5x5 field and nothing else
+    assert not is_even(net, filt) and is_even(net, pool)  # L2 pooling squares: f(-x) = f(x)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(1, 12, 12)), rng.normal(size=(1, 12, 12))
+    assert correlation(a, b, expect) == pytest.approx(np.corrcoef(a[0][expect], b[0][expect])[0, 1])
+    # the shown sign of an even unit's stimulus correlates positively with the top images; |r| reported
+    x, _, _ = optimal_stimulus(net, pool, StimulusSettings(restarts=1, max_iters=20, **PLAIN))
+    top_mean = -x.double().numpy()
+    sim = stimulus_similarity(net, pool, x, top_mean, rng.normal(size=(1, 12, 12)))
+    assert sim["sign_free"] and sim["shown_sign"] == -1.0 and sim["top_images"] == pytest.approx(1.0)
+    np.testing.assert_allclose(sim["stimulus"], top_mean)
+
+
+def test_fourier_parameterization_gives_a_smoother_stimulus_on_the_same_sphere():
+    """The preconditioned search trades some response for low frequencies: its x* holds less high-frequency
+    energy than the plain search's, on the same sphere (what keeps a face unit's x* from being noise)."""
+    cfg = one_stage_config(size=16, channels=1, field=6, maps=4)
+    net = frozen(Network(cfg.model, generator=torch.Generator().manual_seed(7)))
+    unit = Unit(0, "pool", 2, 5, 5)
+
+    def high_share(x):
+        power = np.abs(np.fft.rfft2(x.double().numpy()[0])) ** 2
+        fy, fx = np.meshgrid(np.fft.fftfreq(16) * 16, np.fft.rfftfreq(16) * 16, indexing="ij")
+        return power[np.hypot(fy, fx) > 4].sum() / power.sum()
+
+    plain, v_plain, _ = optimal_stimulus(net, unit, StimulusSettings(restarts=1, max_iters=60, **PLAIN))
+    smooth, v_smooth, info = optimal_stimulus(net, unit, StimulusSettings(restarts=1, max_iters=60, jitter=0))
+    assert info["parameterization"] == "fourier"
+    assert abs(float(smooth.norm()) - 16.0) < 1e-3 * 16  # the paper's constraint, sqrt(C*H*W)
+    assert high_share(smooth) < 0.5 * high_share(plain), (high_share(smooth), high_share(plain))
+    assert 0 < v_smooth <= v_plain * 1.001  # the plain search maximises f on the sphere itself
+    with pytest.raises(GrandmotherError, match="parameterization"):
+        optimal_stimulus(net, unit, StimulusSettings(parameterization="wavelet"))
 
 
 # ---------------------------------------------------------------- invariance
@@ -155,7 +203,8 @@ def test_visualize_writes_every_figure_and_bad_input_is_one_line(tmp_path, capsy
     net = Network(cfg.model, generator=torch.Generator().manual_seed(0))
     run = write_run(tmp_path / "run", cfg, net)
     test = make_testset(tmp_path)
-    res = run_visualize(run, test, "s0.pool.m1.y5.x5", tmp_path / "vis", restarts=2, max_iters=50, top=12)
+    res = run_visualize(run, test, "s0.pool.m1.y5.x5", tmp_path / "vis", top=12,
+                        stimulus=StimulusSettings(restarts=2, max_iters=50, **PLAIN))
     for f in ("histogram.png", "top_images.png", "optimal_stimulus.png", "optimal_stimulus.npy", "visualize.json"):
         assert (tmp_path / "vis" / f).stat().st_size > 0
     x = np.load(tmp_path / "vis" / "optimal_stimulus.npy")
@@ -163,6 +212,9 @@ def test_visualize_writes_every_figure_and_bad_input_is_one_line(tmp_path, capsy
     acts = np.load(tmp_path / "vis" / "activations.npy")
     assert res["top_images"]["indices"][0] == int(np.argmax(acts))
     assert res["optimal_stimulus"]["value"] >= res["optimal_stimulus"]["best_test_activation"] - 1e-3
+    corr = res["optimal_stimulus"]["correlation"]
+    assert corr["top_count"] == 12 and -1 <= corr["top_images"] <= 1 and -1 <= corr["mean_negative"] <= 1
+    assert (tmp_path / "vis" / "top_mean.png").stat().st_size > 0
 
     def one_line_error(argv):
         assert cli(argv) == 2

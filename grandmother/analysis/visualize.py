@@ -8,8 +8,9 @@ writes into DIR (each file atomically):
                              subsampled to 1:1 (seeded), with the probe's threshold when known
     top_images.png           Figure 3 top: the 48 test images with the highest activation (6 x 8),
                              framed red for positives and blue for negatives
-    optimal_stimulus.png     Figure 3 bottom: x* = argmax f(x) subject to ||x||_2 = const
+    optimal_stimulus.png     Figure 3 bottom: x* = argmax f(x) subject to ||x||_2 = const (analysis/stimulus.py)
     optimal_stimulus.npy     x* / ||x*|| as float32 (C, H, W), unit norm like the paper's constraint
+    top_mean.png             the mean of the top test images (network input), what x* is compared with
     activations.npy          the unit's activation on every test image (aligned with the test set)
     visualize.json           numbers behind the figures and the command that made them
 
@@ -17,9 +18,11 @@ The optimal stimulus (paper section 4.3: "x* = argmax_x f(x; W, H) subject to ||
 in the network's input space, i.e. on standardized images (Network.prepare). The network is not scale
 invariant, so the radius of the sphere matters; ours is sqrt(C*H*W), the norm of a standardized image
 (zero mean, unit variance per image), so x* lives at the scale the network was trained on. Up to that
-fixed factor this is the paper's ||x|| = 1 problem; we save and show x*/||x*||. No zero-mean constraint
-is added (the paper has none). Solver: projected gradient ascent (step along the gradient, project back
-onto the sphere) with a backtracking Armijo line search, from several random starts; the best is kept.
+fixed factor this is the paper's ||x|| = 1 problem; we save and show x*/||x*||. Plain ascent on pixels finds
+high-frequency noise no image resembles; by default the search is preconditioned by the natural-image
+spectrum and averaged over one-pixel shifts (grandmother/analysis/stimulus.py says what that solves and why),
+and visualize.json records how x* correlates with the mean of the unit's top test images and with the mean
+negative image.
 """
 from __future__ import annotations
 
@@ -28,13 +31,13 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from grandmother.errors import GrandmotherError
 from grandmother.io import atomic_path, atomic_write_json
 from grandmother.report.plots import NEGATIVE_COLOR, POSITIVE_COLOR, image_grid, save_histogram
 from grandmother.report.results import result_fields
-from grandmother.analysis.units import Unit, prepared_batches, unit_activation, unit_responses
+from grandmother.analysis.stimulus import StimulusSettings, optimal_stimulus, stimulus_similarity
+from grandmother.analysis.units import Unit, prepared_batches, unit_responses
 
 
 
@@ -93,83 +96,14 @@ def save_top_images(dataset, acts: np.ndarray, labels: np.ndarray, path: Path, c
 
 # ---------------------------------------------------------------- the optimal stimulus
 
-def optimal_stimulus(net, unit: Unit, radius: float | None = None, restarts: int = 4, max_iters: int = 300,
-                     seed: int = 0, tol: float = 1e-6, patience: int = 10) -> tuple[torch.Tensor, float, dict]:
-    """argmax_x f(x) subject to ||x||_2 = radius, by projected gradient ascent with Armijo backtracking.
-
-    Returns (x* of shape (C, H, W) on the sphere, f(x*), info). `radius` defaults to sqrt(C*H*W), the
-    norm of a standardized image. Each iteration: g = grad f(x); trial x(t) = radius * (x + t g) /
-    ||x + t g||; accept the largest t (tried from twice the last accepted step, halving) with
-    f(x(t)) >= f(x) + sigma * <g, x(t) - x>  (Armijo rule along the projection arc, Bertsekas 1976).
-    The random starts run side by side as one batch (images do not interact in the network), each
-    with its own step size; a start stops when no ascent step exists, or when it gained less than
-    tol * max(1, |f|) for `patience` iterations in a row.
-    """
-    c, h, w = net.input_shape
-    radius = float(radius) if radius else math.sqrt(c * h * w)
-    p = next(net.parameters())
-    gen = torch.Generator().manual_seed(seed)
-    sigma = 1e-4
-    dims = (1, 2, 3)
-
-    def values(x):
-        with torch.no_grad():
-            return unit_activation(net, x, unit).double()
-
-    def values_and_grads(x):
-        x = x.detach().requires_grad_(True)
-        v = unit_activation(net, x, unit)
-        (g,) = torch.autograd.grad(v.sum(), x)  # per-start gradients: the starts are independent
-        return v.detach().double(), g.detach()
-
-    def project(x):
-        return x * (radius / x.flatten(1).norm(dim=1).clamp_min(1e-30)).view(-1, 1, 1, 1)
-
-    x = project(torch.randn((restarts, c, h, w), generator=gen, dtype=torch.float64).to(p.device, p.dtype))
-    v, g = values_and_grads(x)
-    step = torch.zeros(restarts, dtype=torch.float64, device=p.device)  # 0 = no step accepted yet
-    active = torch.ones(restarts, dtype=torch.bool, device=p.device)
-    stalled = torch.zeros(restarts, dtype=torch.long, device=p.device)
-    iterations = torch.zeros(restarts, dtype=torch.long, device=p.device)
-    x_prev = g_prev = None
-    for _ in range(max_iters):
-        gnorm = g.flatten(1).norm(dim=1).double()
-        active &= gnorm > 0
-        if not active.any():
-            break
-        # Trial step: Barzilai-Borwein <s,s>/<s,y> from the last move (s = x - x_prev, y = g_prev - g) where
-        # it is positive, else twice the last accepted step; the very first moves a tenth of the radius.
-        t = torch.where(step > 0, 2.0 * step, 0.1 * radius / gnorm.clamp_min(1e-30))
-        if x_prev is not None:
-            s_, y_ = (x - x_prev).flatten(1).double(), (g_prev - g).flatten(1).double()
-            sy = (s_ * y_).sum(1)
-            t = torch.where(sy > 0, (s_ * s_).sum(1) / sy.clamp_min(1e-300), t)
-        accepted = ~active
-        x_new, v_new = x.clone(), v.clone()
-        while not accepted.all():
-            trial = project(x + t.to(x.dtype).view(-1, 1, 1, 1) * g)
-            vt = values(trial)
-            ok = (vt >= v + sigma * (g * (trial - x)).sum(dims).double()) & ~accepted
-            x_new[ok], v_new[ok], step[ok] = trial[ok], vt[ok], t[ok]
-            accepted |= ok
-            t = torch.where(accepted, t, 0.5 * t)
-            tiny = ~accepted & (t * gnorm < 1e-12 * radius)
-            active &= ~tiny  # no ascent step at this precision: a stationary point, stop this start
-            accepted |= tiny
-        gain = v_new - v
-        iterations += active.long()
-        x_prev, g_prev = x, g
-        x = torch.where(active.view(-1, 1, 1, 1), x_new, x)
-        stalled = torch.where(active & (gain <= tol * v_new.abs().clamp_min(1.0)), stalled + 1, 0)
-        active &= stalled < patience
-        if not active.any():
-            break
-        v, g = values_and_grads(x)
-    v = values(x)
-    best = int(torch.argmax(v))
-    runs = [{"restart": i, "value": float(v[i]), "iterations": int(iterations[i])} for i in range(restarts)]
-    info = {"radius": radius, "restarts": restarts, "max_iters": max_iters, "seed": seed, "runs": runs}
-    return x[best].detach().clone(), float(v[best]), info
+def mean_prepared(net, ds, indices, batch_size: int = 256) -> np.ndarray:
+    """The mean (C, H, W) of the prepared (network-input) images at `indices`."""
+    total, n = None, 0
+    for s in range(0, len(indices), batch_size):
+        chunk = [int(i) for i in indices[s:s + batch_size]]
+        x = net.prepare(ds.get_batch(chunk).to(next(net.parameters()).device)).double().sum(0).cpu().numpy()
+        total, n = (x if total is None else total + x), n + len(chunk)
+    return total / max(n, 1)
 
 
 def stimulus_picture(x: np.ndarray, min_px: int = 192) -> np.ndarray:
@@ -201,9 +135,11 @@ def unit_from_probe(probe_dir: Path) -> tuple[str, float | None, str | None]:
 
 
 def run_visualize(run_dir: Path, testset_dir: Path, unit_text: str, out_dir: Path, threshold: float | None = None,
-                  concept: str | None = None, device: str = "cpu", restarts: int = 4, max_iters: int = 300,
-                  radius: float | None = None, seed: int = 0, top: int = 48, batch_size: int = 256,
-                  command: str | None = None) -> dict:
+                  concept: str | None = None, device: str = "cpu", stimulus: StimulusSettings | None = None,
+                  seed: int = 0, top: int = 48, batch_size: int = 256, command: str | None = None) -> dict:
+    """Figures 2 and 3 for one unit; `stimulus` (analysis/stimulus.py) sets the optimal-stimulus search."""
+    stimulus = stimulus or StimulusSettings(seed=seed)
+    stimulus.check()
     from grandmother.training.runs import load_run
     unit = Unit.parse(unit_text)  # a malformed id fails before any loading
     _, net, meta = load_run(Path(run_dir), device)
@@ -223,10 +159,16 @@ def run_visualize(run_dir: Path, testset_dir: Path, unit_text: str, out_dir: Pat
     hist = {"images_per_class": int(len(idx) // 2), "seed": seed}
     top_info = save_top_images(ds, acts, labels, out_dir / "top_images.png", count=top)
 
-    x, value, info = optimal_stimulus(net, unit, radius, restarts, max_iters, seed)
-    x_unit = (x / x.norm()).double().cpu().numpy()
+    x, value, info = optimal_stimulus(net, unit, stimulus)
+    order = np.argsort(-acts, kind="stable")[:top]
+    top_mean = net.prepare(ds.get_batch(order.tolist()).to(x.device)).double().mean(0).cpu().numpy()
+    neg_mean = mean_prepared(net, ds, np.flatnonzero(labels == 0), batch_size)
+    similarity = stimulus_similarity(net, unit, x, top_mean, neg_mean)
+    shown = similarity.pop("stimulus")
+    x_unit = shown / np.linalg.norm(shown)
     save_npy(x_unit.astype(np.float32), out_dir / "optimal_stimulus.npy")
     save_png(stimulus_picture(x_unit), out_dir / "optimal_stimulus.png")
+    save_png(stimulus_picture(top_mean), out_dir / "top_mean.png")
 
     result = {
         **result_fields(run_dir, meta, command), "unit": str(unit), "testset": str(Path(testset_dir).resolve()),
@@ -237,10 +179,11 @@ def run_visualize(run_dir: Path, testset_dir: Path, unit_text: str, out_dir: Pat
                        "mean_negative": float(acts[labels == 0].mean())},
         "histogram": hist, "top_images": top_info,
         # f(x*) should be at least the best test image's activation (both on spheres of about this radius).
-        "optimal_stimulus": {"value": value, "best_test_activation": float(acts.max()), **info},
+        "optimal_stimulus": {"value": value, "best_test_activation": float(acts.max()), **info,
+                             "correlation": {**similarity, "top_count": int(len(order))}},
         "files": {"histogram": "histogram.png", "top_images": "top_images.png",
                   "optimal_stimulus": "optimal_stimulus.png", "optimal_stimulus_array": "optimal_stimulus.npy",
-                  "activations": "activations.npy"},
+                  "top_mean": "top_mean.png", "activations": "activations.npy"},
     }
     atomic_write_json(out_dir / "visualize.json", result)
     return result

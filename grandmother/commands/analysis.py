@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from grandmother.analysis.stimulus import PARAMETERIZATIONS, StimulusSettings
 from grandmother.errors import GrandmotherError
 from grandmother.commands.common import check_positive, command_line
 
@@ -39,14 +40,19 @@ def cmd_visualize(args):
         unit, probe_threshold, probe_concept = unit_from_probe(Path(args.probe))
         threshold = probe_threshold if threshold is None else threshold
         concept = concept or probe_concept
+    from grandmother.analysis.stimulus import StimulusSettings
+    stimulus = StimulusSettings(restarts=args.restarts, max_iters=args.iters, radius=args.radius, seed=args.seed,
+                                parameterization=args.stimulus_parameterization, decay=args.stimulus_decay,
+                                jitter=args.stimulus_jitter)
     res = run_visualize(Path(args.run_dir), Path(args.testset), unit, Path(args.out), threshold=threshold,
-                        concept=concept, device=resolve_device(args.device), restarts=args.restarts,
-                        max_iters=args.iters,
-                        radius=args.radius, seed=args.seed, top=args.top, command=command_line())
+                        concept=concept, device=resolve_device(args.device), stimulus=stimulus, seed=args.seed,
+                        top=args.top, command=command_line())
     st = res["optimal_stimulus"]
+    c = st["correlation"]
     print(f"{res['unit']}: {res['top_images']['positives_among_top']} of the top {res['top_images']['count']} test "
           f"images are {res['concept']}; optimal stimulus f(x*) = {st['value']:.4g} (best test image "
-          f"{st['best_test_activation']:.4g}); wrote {args.out}")
+          f"{st['best_test_activation']:.4g}), correlation with the mean of the top {c['top_count']} images "
+          f"{c['top_images']:.2f}, with the mean negative image {c['mean_negative']:.2f}; wrote {args.out}")
 
 
 def cmd_invariance(args):
@@ -124,6 +130,15 @@ def register(sub):
     p.add_argument("--restarts", type=int, default=4, help="random starts of the optimal-stimulus search (default 4)")
     p.add_argument("--iters", type=int, default=300, help="max ascent iterations per start (default 300)")
     p.add_argument("--radius", type=float, help="norm of x* in input space (default sqrt(C*H*W))")
+    sd = StimulusSettings()
+    p.add_argument("--stimulus-parameterization", choices=PARAMETERIZATIONS, default=sd.parameterization,
+                   help="fourier: ascent preconditioned by the 1/f spectrum of natural images; pixel: plain ascent "
+                        "(the paper's problem exactly); data: preconditioned by the training images' covariance "
+                        "(default: %(default)s; docs/probing.md)")
+    p.add_argument("--stimulus-decay", type=float, default=sd.decay,
+                   help="spectrum exponent of the fourier parameterization (default: %(default)s)")
+    p.add_argument("--stimulus-jitter", type=int, default=sd.jitter,
+                   help="average the response over shifts of up to this many pixels (default: %(default)s)")
     p.add_argument("--top", type=int, default=48, help="how many top test images to show (default 48)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -177,9 +177,11 @@ def smallest_model_input() -> int:
 
 def ingest(sources: list[str], out: Path, size: int = 200, color: str = "rgb", seed: int = 0,
            frames_per_video: int = 1, workers: int = 1, shard_size: int = 1000, exclude: str | None = None,
-           overwrite: bool = False, progress: bool = True, rebalance: Rebalance | None = None) -> dict:
+           overwrite: bool = False, progress: bool = True, rebalance: Rebalance | None = None,
+           exclude_folders: set[str] | frozenset = frozenset()) -> dict:
     """Build (or finish) the dataset at `out`; returns its index dict. `rebalance` (data/rebalance.py) keeps
-    faces to at most a fraction of the images."""
+    faces to at most a fraction of the images. `exclude_folders`: folder names (a test set's persons) whose
+    files are left out wherever they are, like --exclude's files: no image of a test person is trained on."""
     t0 = time.perf_counter()
     rebalance = rebalance or Rebalance()
     if color not in COLORS:
@@ -194,14 +196,17 @@ def ingest(sources: list[str], out: Path, size: int = 200, color: str = "rgb", s
     out = Path(out)
     units, summary = expand_sources(sources)
     excluded = read_exclude_list(exclude)
-    if excluded:
-        units = [u for u in units if os.path.realpath(u[1]) not in excluded]
+    if excluded or exclude_folders:
+        units = [u for u in units if os.path.realpath(u[1]) not in excluded
+                 and Path(u[1]).parent.name not in exclude_folders]
     n_excluded = sum(s["files"] for s in summary) - len(units)
     if not units:
         raise GrandmotherError("every input file is in --exclude; nothing to ingest")
 
     plan = {"sources": [str(s) for s in sources], "files": [str(u[1]) for u in units], "size": size, "color": color,
             "seed": seed, "frames_per_video": frames_per_video, "shard_size": shard_size}
+    if exclude_folders:  # only then, as for rebalancing below
+        plan["exclude_folders"] = sorted(exclude_folders)
     if rebalance.active:  # only then: the fingerprint of every dataset made without it stays as it was
         plan["rebalance"] = rebalance.plan()
     fingerprint = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from grandmother.errors import GrandmotherError
-from grandmother.io import write_path_list
+from grandmother.io import read_path_list, write_path_list
 from grandmother.pipeline.inputs import (Concept, builtin_test_set_part, check_test_set, config_part, ingest_eta,
                                          source_part)
 from grandmother.pipeline.stage import Stage, quote
@@ -62,7 +62,8 @@ class Testsets(Stage):
 
     def outputs(self):
         o = self.job.out
-        return [t.path for t in self.job.testsets if t.builtin] + [o / "testset_faces.partial", o / "excluded.txt"]
+        return [t.path for t in self.job.testsets if t.builtin] + [o / "testset_faces.partial", o / "excluded.txt",
+                                                                   o / "excluded_persons.txt"]
 
     def plan(self, rec):
         job = self.job
@@ -76,20 +77,32 @@ class Testsets(Stage):
         from grandmother.data.samples import SAMPLE_DIR
         from grandmother.data.testset import build_testset, open_testset, read_excluded
         job = self.job
-        out, excluded = {}, []
+        out, excluded, persons = {}, [], set()
         for ts in job.testsets:
             if ts.builtin:
                 root = SAMPLE_DIR / "faces_test"
                 build_testset([str(root / "positive")], [str(root / "negative")], ts.path, size=job.size,
                               color=job.color, seed=0, overwrite=True, progress=False, cue_scorer=testset_cue_scores)
-            _, labels, _ = open_testset(ts.path)
+            _, labels, index = open_testset(ts.path)
             out[ts.name] = {"path": str(ts.path), "images": int(len(labels)), "positives": int(labels.sum())}
+            persons |= test_persons(index)
             print(f"      {ts.name}: {int(labels.sum())} positives, {int(len(labels) - labels.sum())} negatives "
                   f"({ts.path})")
             if (ts.path / "excluded.txt").is_file():
                 excluded += read_excluded(ts.path / "excluded.txt")
         write_path_list(job.out / "excluded.txt", sorted(set(excluded)))
+        write_path_list(job.out / "excluded_persons.txt", sorted(persons))
         return out
+
+
+def test_persons(index: dict) -> set[str]:
+    """The person folders of a test set grouped by folder (an LFW person's name): `ingest` leaves out every
+    file in a folder of that name, so a test person's other photos in the user's sources (the same LFW
+    person in ../shared/data as in the package's test set) never reach training."""
+    if index.get("group_by", "folder") != "folder":
+        return set()
+    names = {ident.partition(":")[2] for ident in index.get("test_identities", [])}
+    return {n for n in names if n and "/" not in n and n not in (".", "..")}
 
 
 # ---------------------------------------------------------------- ingest (and rebalancing)
@@ -128,11 +141,13 @@ class Ingest(Stage):
         job = self.job
         index = ingest(job.sources, job.data_dir, size=job.size, color=job.color, seed=job.cfg.train.seed,
                        frames_per_video=job.frames_per_video, workers=job.workers,
-                       exclude=str(job.out / "excluded.txt"), progress=job.progress, rebalance=job.rebalance)
+                       exclude=str(job.out / "excluded.txt"), progress=job.progress, rebalance=job.rebalance,
+                       exclude_folders=set(read_path_list(job.out / "excluded_persons.txt"))
+                       if (job.out / "excluded_persons.txt").is_file() else set())
         n, skipped = index["images"], len(index.get("skipped", []))
         files = sum(s.get("files", 0) for s in index.get("sources", []))
         print(f"      {n} images; {skipped} unreadable file(s) skipped, {index.get('duplicates', 0)} duplicate(s) "
-              f"dropped, {index.get('excluded', 0)} test-set file(s) left out")
+              f"dropped, {index.get('excluded', 0)} test-set file(s) and test persons' files left out")
         if skipped:
             first = index["skipped"][0]
             print(f"      unreadable files are listed in {job.data_dir / 'index.json'} (first: {first['path']}: "

@@ -273,12 +273,23 @@ def section_visualize(items: list[tuple[Path, dict]]) -> str:
                      f'{num(top.get("count"), "d")} are positives (red frame); blue frames are negatives.</p>')
         parts.append("<h3>Optimal stimulus (Figure 3, bottom)</h3>")
         parts.append(embed(d, files.get("optimal_stimulus", "optimal_stimulus.png"), "optimal stimulus"))
+        if files.get("top_mean"):
+            parts.append(embed(d, files.get("top_mean"), "mean of the top test images"))
         if st:
+            corr = _dict(st.get("correlation"))
+            search = (f'ascent preconditioned by the 1/f^{num(st.get("decay"))} spectrum of natural images'
+                      if st.get("parameterization") == "fourier" else f'{esc(st.get("parameterization", "pixel"))} '
+                      f'ascent')
             parts.append(f'<p class="note">x* = argmax f(x) on the sphere ||x|| = {num(st.get("radius"))} in the '
                          f'network\'s input space (shown as x*/||x*||, min-max scaled), projected gradient ascent '
-                         f'with Armijo line search, {num(st.get("restarts"), "d")} random starts. '
-                         f'f(x*) = {num(st.get("value"))}; '
-                         f'best test image: {num(st.get("best_test_activation"))}.</p>')
+                         f'with Armijo line search: {search}, response averaged over shifts of up to '
+                         f'{num(st.get("jitter"), "d")} pixel(s), {num(st.get("restarts"), "d")} random starts. '
+                         f'f(x*) = {num(st.get("value"))}; best test image: {num(st.get("best_test_activation"))}. '
+                         + (f'Correlation of x* with the mean of the top {num(corr.get("top_count"), "d")} test '
+                            f'images (beside it): {num(corr.get("top_images"), ".2f")}; with the mean negative '
+                            f'image: {num(corr.get("mean_negative"), ".2f")}'
+                            + (' (absolute values: the unit cannot tell x from -x)' if corr.get("sign_free") else '')
+                            + '.' if corr else '') + '</p>')
     return "\n".join(parts)
 
 

@@ -1,6 +1,6 @@
 """Run one experiment of the table in docs/experiments.md: train, then score on held-out test sets.
 
-    .venv/bin/python experiments/run.py NAME [--concepts faces cats bodies] [--retrain]
+    .venv/bin/python experiments/run.py NAME [--concepts faces catfaces bodiespad] [--retrain]
     .venv/bin/python experiments/run.py --list
 
 Needs the data sets of `bash experiments/data.sh`. Every recipe (experiments/recipes.py) is seeded
@@ -107,7 +107,7 @@ def score(name: str, cfg, ckpt: Path, concept: str) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", nargs="?")
-    ap.add_argument("--concepts", nargs="+", default=["faces"])
+    ap.add_argument("--concepts", nargs="+", help="test sets to score on (default: the recipe's concepts, or faces)")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--train-only", action="store_true", help="train (if not trained yet), do not score")
@@ -173,7 +173,7 @@ def run_experiment(args, run_dir: Path) -> None:
            "data": recipe.get("data", "train"), "images_seen": timing["images_seen"],
            "train_wall_s": round(timing["wall_s"], 1), "final_metrics": last, "scores": {}}
     t0 = time.time()
-    for concept in args.concepts:
+    for concept in args.concepts or recipe.get("concepts", ["faces"]):
         row["scores"][concept] = score(name, cfg, ckpt, concept)
     row["score_wall_s"] = round(time.time() - t0, 1)
     if not args.images:

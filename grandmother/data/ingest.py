@@ -113,7 +113,9 @@ def _decode_frames(path: Path, wanted: list[int], size: int, channels: int, dete
         try:
             for frame in container.decode(stream):
                 if n in wanted:
-                    img = frame.to_image()
+                    # One scaling thread: PyAV 18's default (threads=0, automatic) leaves FFmpeg scaler
+                    # threads behind, and a decoding worker forked after that waits on them for ever.
+                    img = frame.reformat(format="rgb24", threads=1).to_image()
                     got[n] = (fit_image(img, size, channels), detect_face(img) if detect else None)
                 n += 1
                 if n > last:

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from grandmother.leakage import find_leaks
+from grandmother.data.leakage import find_leaks
 
 bad = 0
 for train in sys.argv[1:]:

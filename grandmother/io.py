@@ -26,6 +26,17 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def describe_os_error(e: BaseException) -> str:
     """The reason of an OS error in a few words ("No space left on device")."""
     if isinstance(e, OSError):

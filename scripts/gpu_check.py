@@ -122,7 +122,8 @@ def face_run(out: Path, device: str, minutes: float, sets: list[str], dry: bool)
     from grandmother.data.samples import SAMPLE_DIR
     from grandmother.data.testset import build_testset
     from grandmother.nn.shapes import stage_shapes
-    from grandmother.pipeline.job import MINUTES_FRACTION, PROBE_OPTIONS, measure_step_seconds
+    from grandmother.pipeline.inputs import measure_step_seconds
+    from grandmother.pipeline.stages import MINUTES_FRACTION, PROBE_OPTIONS
     from grandmother.training.loop import train
 
     out.mkdir(parents=True, exist_ok=True)

@@ -1334,3 +1334,71 @@ def test_every_fault_test_is_listed_in_docs_safety():
     page = (ROOT / "docs" / "safety.md").read_text()
     missing = [n for n in names if f"`{n}`" not in page and n != "test_every_fault_test_is_listed_in_docs_safety"]
     assert not missing, f"add a row to docs/safety.md for: {missing}"
+
+
+# ---------------------------------------------------------------- the native kernel's cache heals (issue 23)
+
+NATIVE_PROBE = ("from grandmother.nn.kernels import native; import torch\n"
+                "print('loaded' if native.library() is not None else 'fell back')\n")
+
+
+def _native_cache(tmp_path):
+    """A fresh kernel cache with the library built into it by one process; returns (probe, library path)."""
+    if shutil.which(os.environ.get("CXX") or "g++") is None:
+        pytest.skip("no C++ compiler: the native kernel is not built here")
+    env = {**ENV, "GRANDMOTHER_CACHE": str(tmp_path / "cache")}
+
+    def probe():
+        return subprocess.run([sys.executable, "-c", NATIVE_PROBE], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+    r = probe()
+    assert r.returncode == 0 and r.stdout.strip() == "loaded", r.stderr
+    return probe, next((tmp_path / "cache" / "native").glob("native_lc_*.so"))
+
+
+def test_a_damaged_native_kernel_cache_is_rebuilt(tmp_path):
+    """A truncated library (a full disk, a kill during a copy) used to crash every command with SIGBUS; a
+    foreign library under the cached name gave an AttributeError; neither was ever rebuilt."""
+    from grandmother.nn.kernels import native
+    probe, lib = _native_cache(tmp_path)
+    assert native._intact(lib)
+    lib.write_bytes(lib.read_bytes()[:20000])  # truncated: its digest no longer matches
+    r = probe()
+    assert r.returncode == 0 and r.stdout.strip() == "loaded", r.stderr
+    assert f"the cached {lib} is damaged" in r.stderr and "rebuilding" in r.stderr and native._intact(lib)
+    assert "Traceback" not in r.stderr
+
+    # a foreign library, its digest written beside it as if it were ours: it lacks the kernel's symbols
+    subprocess.run(["gcc", "-shared", "-fPIC", "-x", "c", "-", "-o", str(lib)], input="int other(void) { return 1; }\n",
+                   text=True, check=True)
+    native._digest_file(lib).write_text(native._digest(lib) + "\n")
+    r = probe()
+    assert r.returncode == 0 and r.stdout.strip() == "loaded", r.stderr
+    assert "is not this kernel's library (no symbol gm_forward); rebuilding" in r.stderr and native._intact(lib)
+
+
+def test_a_killed_native_build_leaves_nothing_behind_for_good(tmp_path):
+    probe, lib = _native_cache(tmp_path)
+    dead = lib.parent / ".build-999999999-abcd.so"  # a build whose process is gone
+    legacy = lib.parent / "tmpk3j2.so"  # what builds before the PID was in the name left
+    live = lib.parent / f".build-{os.getpid()}-efgh.so"  # a build still running (this process)
+    for f in (dead, legacy, live):
+        f.write_bytes(b"partial")
+    lib.unlink()  # the next use builds again, and clears what dead builds left
+    r = probe()
+    assert r.returncode == 0 and r.stdout.strip() == "loaded", r.stderr
+    assert not dead.exists() and not legacy.exists() and live.exists()
+
+
+def test_native_kernel_without_a_compiler_is_one_line_and_leaves_no_run_folder(tmp_path):
+    data = tmp_path / "data"
+    assert cli(["ingest", str(make_images(tmp_path / "src", 12)), "--out", str(data), "--size", "32",
+                "--color", "gray", "--quiet", "--workers", "1"]) == 0
+    env = {**ENV, "CXX": str(tmp_path / "no-such-compiler"), "GRANDMOTHER_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "grandmother", "train", "--preset", "small", "--data", str(data),
+                        "--out", str(tmp_path / "run"), "--kernel", "native", "--steps", "1"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("grandmother: error: model.kernel='native' (--kernel native) cannot run here: no C++ compiler")
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -211,3 +211,28 @@ def test_no_module_is_over_500_lines():
     long = sorted(f"{p.relative_to(PACKAGE.parent)}: {n}" for p in PACKAGE.rglob("*.py")
                   if (n := len(p.read_text().splitlines())) > 500)
     assert not long, f"modules over 500 lines (split them by concern): {long}"
+
+
+def test_every_import_of_the_package_in_scripts_and_experiments_resolves():
+    """scripts/ and experiments/ import the package inside functions too; after a module moves, those
+    imports must move with it (experiments/check_leak.py and scripts/gpu_check.py once did not)."""
+    import ast
+    import importlib
+    root = PACKAGE.parent
+    bad = []
+    for f in sorted((root / "scripts").glob("*.py")) + sorted((root / "experiments").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("grandmother"):
+                pairs = [(node.module, a.name) for a in node.names]
+            elif isinstance(node, ast.Import):
+                pairs = [(a.name, None) for a in node.names if a.name.startswith("grandmother")]
+            else:
+                continue
+            for module, name in pairs:
+                try:
+                    m = importlib.import_module(module)
+                    if name is not None and not hasattr(m, name):
+                        importlib.import_module(f"{module}.{name}")
+                except ImportError as e:
+                    bad.append(f"{f.relative_to(root)}:{node.lineno}: {module} {name or ''}: {e}")
+    assert not bad, "\n".join(bad)

@@ -29,12 +29,16 @@ class StageShape:
 
 
 def check_network(model_cfg) -> None:
-    """One-line ConfigError for a network that cannot be built: an unknown kernel, or a stage whose
-    receptive field does not fit its input (names the stage)."""
-    from grandmother.nn.kernels import registered_names
+    """One-line ConfigError for a network that cannot be built: an unknown kernel, one that cannot run on
+    this machine (the native kernel without a compiler), or a stage whose receptive field does not fit its
+    input (names the stage). Runs before anything is written, so a refused run leaves no folder behind."""
+    from grandmother.nn.kernels import registered_names, unavailable_reason
     if model_cfg.kernel != "auto" and model_cfg.kernel not in registered_names():
         raise ConfigError(f"model.kernel={model_cfg.kernel!r}: unknown kernel "
                           f"(available: auto, {', '.join(registered_names())})")
+    if model_cfg.kernel != "auto" and (why := unavailable_reason(model_cfg.kernel)):
+        raise ConfigError(f"model.kernel={model_cfg.kernel!r} (--kernel {model_cfg.kernel}) cannot run here: {why}; "
+                          f"choose another kernel or auto")
     stage_shapes(model_cfg)
 
 

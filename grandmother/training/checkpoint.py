@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from grandmother.errors import GrandmotherError
-from grandmother.io import atomic_write_text, make_dir, writing
+from grandmother.io import atomic_write_text, make_dir, pid_alive, writing
 
 CKPT_DIR = "checkpoints"
 
@@ -196,7 +196,7 @@ def remove_stale_temp(run_dir: Path) -> list[Path]:
         if not m or not p.is_dir():
             continue
         pid = int(m.group(1))
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
@@ -204,16 +204,6 @@ def remove_stale_temp(run_dir: Path) -> list[Path]:
         print(f"removed {len(removed)} unfinished checkpoint folder(s) left by an interrupted write: "
               f"{', '.join(p.name for p in removed)}", file=sys.stderr)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------- finding the checkpoint to use

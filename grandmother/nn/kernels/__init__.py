@@ -7,5 +7,5 @@
 Each implementation module registers itself on import; adding a kernel is one module and one import here.
 """
 from grandmother.nn.kernels.base import (LocallyConnectedKernel, PrimitiveKernel, get_kernel, kernel_names,  # noqa: F401
-                   register_kernel, registered_names, tile_bytes)
+                   register_kernel, registered_names, tile_bytes, unavailable_reason)
 from grandmother.nn.kernels import reference, rowshift, tiled, native  # noqa: F401,E402  (each registers its kernel)

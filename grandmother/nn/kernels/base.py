@@ -113,14 +113,21 @@ class KernelEntry:
     devices: tuple[str, ...]  # device types it runs on: "cpu", "cuda"
     priority: int  # "auto" takes the highest priority among available kernels for the device
     available: Callable[[], bool] = lambda: True
+    why_not: Callable[[], str | None] = lambda: None  # why it is not available here, in a few words
 
 
 _REGISTRY: dict[str, KernelEntry] = {}
 _INSTANCES: dict[str, LocallyConnectedKernel] = {}
 
 
-def register_kernel(name, factory, devices=("cpu", "cuda"), priority=0, available=lambda: True):
-    _REGISTRY[name] = KernelEntry(name, factory, tuple(devices), priority, available)
+def register_kernel(name, factory, devices=("cpu", "cuda"), priority=0, available=lambda: True, why_not=lambda: None):
+    _REGISTRY[name] = KernelEntry(name, factory, tuple(devices), priority, available, why_not)
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None where the registered kernel `name` can run here, else why not (e.g. the native build's error)."""
+    entry = _REGISTRY[name]
+    return None if entry.available() else (entry.why_not() or "not available on this machine")
 
 
 def registered_names() -> list[str]:
@@ -143,8 +150,10 @@ def get_kernel(name: str, device: torch.device | str = "cpu") -> LocallyConnecte
     if name not in _REGISTRY:
         raise ValueError(f"unknown kernel {name!r} (available: auto, {', '.join(sorted(_REGISTRY))})")
     entry = _REGISTRY[name]
-    if dtype not in entry.devices or not entry.available():
-        raise ValueError(f"kernel {name!r} does not run on {dtype} here (runs on: {', '.join(entry.devices)})")
+    if dtype not in entry.devices:
+        raise ValueError(f"kernel {name!r} does not run on {dtype} (runs on: {', '.join(entry.devices)})")
+    if not entry.available():
+        raise ValueError(f"kernel {name!r} is not available here: {unavailable_reason(name)}")
     if name not in _INSTANCES:
         _INSTANCES[name] = entry.factory()
     return _INSTANCES[name]

@@ -13,7 +13,10 @@ Build: `g++ -O3 -march=native -fopenmp` into a shared library, loaded with ctype
 `torch/extension.h` alone took 40 CPU-seconds to compile on the 2-core CI machine; this builds in a
 few seconds). Cached under $GRANDMOTHER_CACHE (default ~/.cache/grandmother)/native/, keyed by the
 source, the compiler and the CPU's flags; written to a temporary name and renamed, so concurrent first
-uses are safe. The OpenMP runtime is the one PyTorch already loaded (same libgomp.so.1), so the two
+uses are safe. The cache heals itself: beside each library lies its SHA-256, checked before the library
+is mapped (a truncated file would crash the process with SIGBUS inside dlopen), and a library whose
+digest does not match, that does not load, or that lacks one of the kernel's symbols is rebuilt, with one
+line. Temporary files of builds whose process has died are removed by the next build. The OpenMP runtime is the one PyTorch already loaded (same libgomp.so.1), so the two
 share threads instead of spinning against each other. When the build fails (no compiler, an error),
 one line says why and `auto` falls back to the next kernel (rowshift).
 
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from grandmother.io import pid_alive
 from grandmother.nn.kernels.base import register_kernel
 from grandmother.nn.kernels.rowshift import RowShiftKernel
 
@@ -71,33 +75,92 @@ def _build_key(cxx_path: str) -> str:
     return h.hexdigest()[:16]
 
 
+SYMBOLS = ("gm_forward", "gm_backward_input", "gm_backward_weight", "gm_lanes")
+TEMP_PREFIX = ".build-"  # .build-PID-XXXX.so while a build runs; PID tells a dead build's leftovers
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest_file(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _intact(lib: Path) -> bool:
+    """The cached library is the file its build wrote: its SHA-256 matches the one written beside it."""
+    try:
+        return _digest_file(lib).read_text().strip() == _digest(lib)
+    except OSError:
+        return False
+
+
+def _remove_dead_builds(folder: Path) -> None:
+    """Temporary files left by builds that were killed (their PID is gone), and the `tmp*.so` of older
+    versions of this module, which carried no PID."""
+    for f in folder.iterdir():
+        pid = None
+        if f.name.startswith(TEMP_PREFIX):
+            try:
+                pid = int(f.name[len(TEMP_PREFIX):].split("-", 1)[0])
+            except ValueError:
+                pid = None
+        elif not (f.name.startswith("tmp") and f.name.endswith(".so")):
+            continue
+        if pid is None or not pid_alive(pid):
+            try:
+                f.unlink()
+            except OSError:
+                pass
+
+
 def build(force: bool = False) -> Path:
-    """Compile (or find cached) the shared library; returns its path. Raises RuntimeError with one line."""
+    """Compile (or find cached) the shared library; returns its path. Raises RuntimeError with one line.
+    A cached library whose digest does not match is rebuilt (with one line on stderr)."""
     cxx = shutil.which(_compiler())
     if cxx is None:
         raise RuntimeError(f"no C++ compiler ({_compiler()!r} not found on PATH)")
     out = cache_dir() / f"native_lc_{_build_key(cxx)}.so"
     if out.exists() and not force:
-        return out
+        if _intact(out):
+            return out
+        print(f"grandmother: native kernel: the cached {out} is damaged (its SHA-256 does not match); rebuilding",
+              file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    _remove_dead_builds(out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".so", dir=out.parent)
     os.close(fd)
+    side_fd, side_tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".sha256", dir=out.parent)
+    os.close(side_fd)
     try:
         r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=600)
         if r.returncode != 0:
             lines = [ln for ln in (r.stderr or r.stdout).splitlines() if "error" in ln] or (r.stderr or "").splitlines()
             raise RuntimeError(f"{Path(cxx).name} failed: {lines[0].strip() if lines else f'exit {r.returncode}'}")
+        Path(side_tmp).write_text(_digest(Path(tmp)) + "\n")
         os.replace(tmp, out)
+        os.replace(side_tmp, _digest_file(out))
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for t in (tmp, side_tmp):
+            if os.path.exists(t):
+                os.unlink(t)
     return out
 
 
 def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
+    """The library with its argument types set. RuntimeError naming the file when it does not load or
+    lacks one of the kernel's symbols (a foreign library under the cached name)."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise RuntimeError(f"{path} does not load ({str(e).splitlines()[0] if str(e) else 'OSError'})") from None
+    missing = [name for name in SYMBOLS if not hasattr(lib, name)]
+    if missing:
+        import _ctypes
+        _ctypes.dlclose(lib._handle)  # else the loader hands back this same library for the rebuilt file
+        raise RuntimeError(f"{path} is not this kernel's library (no symbol {missing[0]})")
     p, i64p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
-    for name in ("gm_forward", "gm_backward_input", "gm_backward_weight"):
+    for name in SYMBOLS[:3]:
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_int, p, p, p, i64p, ctypes.c_int]
         fn.restype = ctypes.c_int
@@ -105,12 +168,21 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _build_and_load() -> ctypes.CDLL:
+    path = build()
+    try:
+        return _load(path)
+    except RuntimeError as e:  # intact by its digest, yet unusable: rebuild once, then give up
+        print(f"grandmother: native kernel: {e}; rebuilding", file=sys.stderr)
+        return _load(build(force=True))
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded library, building it on first call; None (after one line on stderr) when that fails."""
     with _lock:
         if not _state:
             try:
-                _state["lib"] = _load(build())
+                _state["lib"] = _build_and_load()
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:
                 _state["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
                 print(f"grandmother: native kernel unavailable ({_state['error']}); using rowshift", file=sys.stderr)
@@ -179,4 +251,4 @@ class NativeKernel(RowShiftKernel):
 
 
 # Above rowshift (priority 20) on CPU, but only where the library built: `auto` then falls back to rowshift.
-register_kernel("native", NativeKernel, devices=("cpu",), priority=30, available=available)
+register_kernel("native", NativeKernel, devices=("cpu",), priority=30, available=available, why_not=build_error)

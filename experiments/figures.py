@@ -22,6 +22,7 @@ FIGURES = ROOT / "docs" / "figures"
 # (label, the rows of one training run: its part-way rows NAME@...k and its last row NAME)
 CURVES = [("10% faces, seed 0", ["fewfaces_curve_3M"]),
           ("10% faces, Adam 3e-3", ["fewfaces_lr3e-3_curve_1.5M"]),
+          ("20% faces, Adam 3e-3", ["faces20_lr3e-3_curve_1.5M"]),
           ("59% faces", ["adam_decnorm_1.5M"]),
           ("no faces (control)", ["control_nofaces_1.5M"])]
 SWEEP = [(1, "faces01_1.5M"), (3, "faces03_1.5M"), (10, "fewfaces_curve_3M@1500k"), (20, "faces20_1.5M"),

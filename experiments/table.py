@@ -71,7 +71,7 @@ FRACTIONS = [("faces01_1.5M", "1%"), ("faces03_1.5M", "3%"), ("fewfaces_curve_3M
 SEEDS = ["fewfaces_curve_3M@1500k", "fewfaces_seed1_1.5M", "fewfaces_seed2_1.5M"]
 RECIPE = ["fewfaces_adagrad_1.5M", "fewfaces_tied_1.5M", "fewfaces_nonorm_1.5M", "fewfaces_nolcn_1.5M",
           "fewfaces64_1.5M"]
-CURVE_RUNS = ["fewfaces_curve_3M", "fewfaces_lr3e-3_curve_1.5M"]
+CURVE_RUNS = ["fewfaces_curve_3M", "fewfaces_lr3e-3_curve_1.5M", "faces20_lr3e-3_curve_1.5M"]
 RARE = ["rare3_1.5M"]
 DOWNPOUR = ["downpour_r2_fewfaces_1.5M", "downpour_r2p2_fewfaces_1.5M"]
 
@@ -129,7 +129,7 @@ def science_parts(rows: dict) -> list[str]:
     fr = [row(rows[n], "faces").replace(f"| `{n}` |", f"| `{n}` ({label}) |", 1) for n, label in FRACTIONS if n in rows]
     parts = ["**The face fraction**, 1.5 million images each (the same non-face images; the faces a seeded "
              "nested subset)", "", HEADER, *fr,
-             "", "**Learning curves** at 10% faces: every kept checkpoint (250,000 images apart)", "", HEADER,
+             "", "**Learning curves** at 10% and 20% faces: every kept checkpoint (250,000 images apart)", "", HEADER,
              *named_rows(rows, curve_names(rows)),
              "", "**Seeds** at 10% faces, 1.5 million images", "", HEADER, *named_rows(rows, SEEDS), "",
              *seeds_summary(rows),

@@ -78,11 +78,12 @@ def test_run_on_the_sample_without_testset_resumes_and_refuses_changes(tmp_path,
     rec = res["record"]
     assert [s for s in STAGES if rec["stages"][s]["status"] == "done"] == list(STAGES)
     assert rec["stages"]["train"]["result"]["steps"] == 6
-    # rebalanced by default: 354 of the 1,980 sample images hold a face the detector finds; 180 are kept
+    # rebalanced by default to at most 20% faces: the detector finds a face in 495 of the 2,500 sample images
+    # (built at 20%), so nothing is removed, and the report says so
     rb = rec["stages"]["ingest"]["result"]["rebalance"]
-    assert rb["before"] == {"images": 1980, "faces": 354, "fraction": 354 / 1980} and rb["method"] == "detector"
-    assert rb["after"] == {"images": 1806, "faces": 180, "fraction": 180 / 1806}
-    assert rec["stages"]["ingest"]["result"]["images"] == 1806
+    assert rb["before"] == {"images": 2500, "faces": 495, "fraction": 495 / 2500} and rb["method"] == "detector"
+    assert rb["after"] == rb["before"] and rb["max_face_fraction"] == 0.2
+    assert rec["stages"]["ingest"]["result"]["images"] == 2500
     # the face test set shipped in the package, built at the network's size; a face row in the report
     probe = json.loads((out / "probe_faces" / "probe.json").read_text())
     assert probe["concept"] == "faces" and probe["n_images"] == 848 and probe["n_positive"] == 299
@@ -97,7 +98,8 @@ def test_run_on_the_sample_without_testset_resumes_and_refuses_changes(tmp_path,
     assert rows["faces"]["best"] == pytest.approx(100 * probe["best"]["accuracy"])
     page = (out / "report.html").read_text()
     assert "faces" in page and probe["best"]["unit"] in page and shown["unit"] in page
-    assert "<th>faces in training data</th><td>before 17.9%, after 10.0% (target: at most 10.0%)</td>" in page
+    assert ("<th>faces in training data</th><td>before 19.8%, after 19.8%: nothing removed, the data hold fewer "
+            "faces than the target 20.0%</td>") in page
     heldout_section = page[page.index("<h2>Held-out evaluation: faces</h2>"):]
     assert f"<b>{100 * ho['top_stage']['evaluation_accuracy']:.1f}</b>" in heldout_section
     for name in ("histogram.png", "top_images.png", "optimal_stimulus.png"):
@@ -166,7 +168,7 @@ def test_run_rebalances_the_face_fraction_and_records_it(tmp_path, capsys):
     from test_data import expected_faces_kept, faces_folder
     src = faces_folder(tmp_path / "src", faces=20, others=30)
     flags = dict(overrides=TINY, steps=2, testsets=[_testset32(tmp_path)], progress=False, workers=1)
-    assert Job([src], tmp_path / "x", **flags).rebalance.max_face_fraction == 0.1  # on by default
+    assert Job([src], tmp_path / "x", **flags).rebalance.max_face_fraction == 0.2  # on by default
     job = Job([src], tmp_path / "job", max_face_fraction=0.25, face_paths=["*/faces/*"], **flags)
     job.start()
     for name in ("testsets", "ingest"):

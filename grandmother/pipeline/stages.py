@@ -131,7 +131,8 @@ class Ingest(Stage):
 
     def plan(self, rec):
         job = self.job
-        eta = ingest_eta(self.units, job.frames_per_video, job.size, job.channels, job.workers)
+        eta = ingest_eta(self.units, job.frames_per_video, job.size, job.channels, job.workers,
+                         detect=job.rebalance.detect)
         return {}, eta, (f"{len(self.units)} file(s) from {len(job.sources)} SRC(s) at {job.size}x{job.size} "
                          f"{job.color}, up to {job.frames_per_video} frames per video, {job.rebalance.describe()}")
 

@@ -117,7 +117,7 @@ def test_run_on_the_sample_without_testset_resumes_and_refuses_changes(tmp_path,
     assert json.loads((out / "run.json").read_text())["stages"] == json.loads(before)["stages"]
 
     # changed settings are refused, naming the change; --restart-from an earlier stage is refused too
-    with pytest.raises(GrandmotherError, match=r"train\.lr: 0\.001 -> 0\.02 .*--restart-from train"):
+    with pytest.raises(GrandmotherError, match=r"train\.lr: 0\.003 -> 0\.02 .*--restart-from train"):
         run_pipeline([SAMPLE_DIR / "train"], out, overrides=TINY + ["train.lr=0.02"], steps=6, progress=False)
     with pytest.raises(GrandmotherError, match=r"--steps: 6 -> 7"):
         run_pipeline([SAMPLE_DIR / "train"], out, overrides=TINY, steps=7, restart_from="probe", progress=False)

@@ -141,7 +141,6 @@ def _check_direction(direction: str) -> str:
 
 def unit_auc(acts, labels) -> np.ndarray:
     """(U,) rank-based AUC of each column of acts (n, U): P(positive > negative) + P(tie) / 2."""
-    from scipy.stats import rankdata
     acts = np.asarray(acts)
     if acts.ndim == 1:
         acts = acts[:, None]
@@ -151,10 +150,22 @@ def unit_auc(acts, labels) -> np.ndarray:
     if n_pos == 0 or n_neg == 0:
         raise GrandmotherError("AUC needs both classes")
     out = np.empty(acts.shape[1])
-    step = max(1, _BLOCK_ELEMENTS // max(1, len(labels)))
+    n = len(labels)
+    step = max(1, _BLOCK_ELEMENTS // max(1, n))
+    idx = np.arange(n)[None, :]
     for c in range(0, acts.shape[1], step):
-        r = rankdata(np.asarray(acts[:, c:c + step], np.float64), axis=0)  # average ranks: ties share
-        out[c:c + step] = (r[labels].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        a = np.ascontiguousarray(np.asarray(acts[:, c:c + step], np.float64).T)  # (units, n): rows sort fast
+        order = np.argsort(a, axis=1)  # any order within a run of ties: they share one rank below
+        v = np.take_along_axis(a, order, 1)
+        differs = v[:, 1:] != v[:, :-1]
+        first = np.ones(v.shape, bool)
+        first[:, 1:] = differs
+        last = np.ones(v.shape, bool)
+        last[:, :-1] = differs
+        start = np.maximum.accumulate(np.where(first, idx, 0), axis=1)  # where each run of ties begins
+        end = np.minimum.accumulate(np.where(last, idx, n - 1)[:, ::-1], axis=1)[:, ::-1]  # and ends
+        ranks = (start + end) / 2 + 1  # the average rank of a run of ties, as scipy's rankdata gives
+        out[c:c + step] = ((ranks * labels[order]).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     return out
 
 
@@ -168,42 +179,24 @@ def paper_thresholds(acts, n_thresholds: int = 20) -> np.ndarray:
     return t
 
 
-def _count_above(a, thr) -> np.ndarray:
-    """(n, U) int: how many of each unit's thresholds thr (T, U) lie strictly below each response a (n, U).
-
-    Estimated from the thresholds' even spacing, then corrected against the thresholds themselves, so the
-    count is exact (the same comparisons `a > t` as a plain loop would make, ties included)."""
-    t_count = thr.shape[0]
-    lo, span = thr[0], thr[-1] - thr[0]
-    with np.errstate(invalid="ignore", over="ignore"):
-        z = np.nan_to_num((a - lo) * ((t_count - 1) / np.where(span > 0, span, 1.0)), nan=0.0)
-    k = np.clip(np.ceil(z), 0, t_count).astype(np.int64)
-    cols = np.arange(a.shape[1])[None, :]
-    while True:
-        lower = (k > 0) & (thr[np.maximum(k - 1, 0), cols] >= a)  # threshold k-1 is not below a
-        k -= lower
-        higher = (k < t_count) & (thr[np.minimum(k, t_count - 1), cols] < a)  # threshold k is below a
-        k += higher
-        if not (lower.any() or higher.any()):
-            return k
-
-
 def threshold_accuracy(acts, labels, thresholds) -> np.ndarray:
-    """(T, U) accuracy of "acts > threshold means positive" for every threshold (T, U) of every unit,
-    ascending thresholds (as paper_thresholds gives). Counts per unit how many responses, and how many
-    positive ones, pass each threshold: O(n U) work and memory, not O(n T U)."""
+    """(T, U) accuracy of "acts > threshold means positive" for every threshold (T, U) of every unit: the
+    comparisons themselves, blocked over images so that memory stays bounded. (A counting version that
+    placed each response among its unit's evenly spaced thresholds did O(n U) work instead of O(n T U),
+    but its gathers made it 6x slower at 1,938 images x 20,000 units with T = 20: 7.2 s against 1.2 s.)"""
     acts = np.asarray(acts, np.float64)
     labels = np.asarray(labels).astype(bool).ravel()
-    thr = np.asarray(thresholds, np.float64)
-    t_count, units = thr.shape
-    k = _count_above(acts, thr) + np.arange(units)[None, :] * (t_count + 1)
-    h_all = np.bincount(k.ravel(), minlength=units * (t_count + 1)).reshape(units, t_count + 1)
-    h_pos = np.bincount(k[labels].ravel(), minlength=units * (t_count + 1)).reshape(units, t_count + 1)
-    # "a > t_j" holds where k > j: the tail sums of the histograms from j + 1
-    above_all = h_all[:, ::-1].cumsum(1)[:, ::-1][:, 1:]
-    above_pos = h_pos[:, ::-1].cumsum(1)[:, ::-1][:, 1:]
-    n_pos = int(labels.sum())
-    return ((above_pos + (len(labels) - n_pos) - (above_all - above_pos)) / len(labels)).T
+    t = np.asarray(thresholds, np.float64)
+    above_pos = np.zeros(t.shape, np.int64)
+    above_neg = np.zeros(t.shape, np.int64)
+    rows = max(1, _BLOCK_ELEMENTS // max(1, t.size))
+    for r in range(0, len(acts), rows):
+        a, lab = acts[r:r + rows], labels[r:r + rows]
+        above = a[:, None, :] > t[None]
+        above_pos += above[lab].sum(0)
+        above_neg += above[~lab].sum(0)
+    n_neg = len(labels) - int(labels.sum())
+    return (above_pos + (n_neg - above_neg)) / len(labels)
 
 
 def same_set_accuracy(acts, labels, n_thresholds: int = 20) -> np.ndarray:

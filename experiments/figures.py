@@ -71,7 +71,7 @@ def learning_curve(rows: dict, out: Path) -> None:
     from grandmother.report.plots import pyplot, save_figure
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    colors = ["#d62728", "#ff7f0e", "#1f77b4", "#7f7f7f"]
+    colors = ["#d62728", "#ff7f0e", "#1f77b4", "#9467bd", "#7f7f7f"]
     ref = None
     for (label, names), color in zip(CURVES, colors):
         pts = points(rows, names)
@@ -97,7 +97,7 @@ def learning_curve(rows: dict, out: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out faces: accuracy on the evaluation half (%)")
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle("The face unit forms between 1 and 1.5 million images when faces are 10% of the data")
+    fig.suptitle("The face unit forms after 0.75-1.25 million images when faces are 10-20% of the data")
     save_figure(fig, out)
 
 

@@ -19,6 +19,12 @@ CURVE = ["train.checkpoint_every=2500", "train.keep_checkpoints=0", "train.log_e
 FEW = ADAM_DEC + LONG  # the recipe that found the face unit (trained on 10% faces)
 SCREEN = 20_000  # the shared machine ran at ~60-90 img/s under other jobs' load: 200 steps each
 
+
+def _long(what: str, sets: list[str], images: int = 1_500_000, data: str = "train_fewfaces", **extra) -> dict:
+    """A long row of issue 20 (1.5 million images on the 10%-faces set unless it says otherwise)."""
+    return {"what": what, "sets": sets, "images": images, "data": data, **extra}
+
+
 RECIPES = {
     "adagrad_paper": {"what": "small preset as it was: Adagrad 0.01, no norm control", "sets": [], "images": SCREEN},
     "adam_decnorm": {"what": "Adam 1e-3, decoder vectors at unit norm", "sets": ADAM_DEC, "images": SCREEN},
@@ -77,35 +83,27 @@ RECIPES = {
     # ---- Science III (issue 20): the face unit at 10% faces. 1.5 million images on one thread take 20-27
     # minutes on the idle 2-core machine. Learning curves keep every checkpoint, 250,000 images apart, for
     # `run.py NAME --step S` (experiments/score_curve.sh scores them all).
-    "decnorm_fewfaces_1.5M": {"what": "Adam 1e-3, decoder unit norm, 10% faces, 1.5 million images (the run that found the face unit)",
-                              "sets": FEW, "images": 1_500_000, "data": "train_fewfaces"},
-    "fewfaces_curve_3M": {"what": "Adam 1e-3, decoder unit norm, 10% faces, 3 million images (learning curve)",
-                          "sets": ADAM_DEC + CURVE, "images": 3_000_000, "data": "train_fewfaces"},
-    "fewfaces_seed1_1.5M": {"what": "as decnorm_fewfaces_1.5M, training seed 1",
-                            "sets": FEW + ["train.seed=1"], "images": 1_500_000, "data": "train_fewfaces"},
-    "fewfaces_seed2_1.5M": {"what": "as decnorm_fewfaces_1.5M, training seed 2",
-                            "sets": FEW + ["train.seed=2"], "images": 1_500_000, "data": "train_fewfaces"},
-    **{f"faces{pc:02d}_1.5M": {"what": f"Adam 1e-3, decoder unit norm, {pc}% faces, 1.5 million images",
-                               "sets": FEW, "images": 1_500_000, "data": f"train_faces{pc:02d}"} for pc in (1, 3, 20, 30)},
-    "fewfaces_lr3e-3_curve_1.5M": {"what": "Adam 3e-3, decoder unit norm, 10% faces, 1.5 million images (learning curve)",
-                                   "sets": ADAM_DEC + ["train.lr=0.003"] + CURVE, "images": 1_500_000,
-                                   "data": "train_fewfaces"},
-    "faces20_lr3e-3_curve_1.5M": {"what": "Adam 3e-3, decoder unit norm, 20% faces, 1.5 million images (learning curve)",
-                                  "sets": ADAM_DEC + ["train.lr=0.003"] + CURVE, "images": 1_500_000,
-                                  "data": "train_faces20"},
+    "decnorm_fewfaces_1.5M": _long("Adam 1e-3, decoder unit norm, 10% faces, 1.5 million images (the run that found "
+                                   "the face unit)", FEW),
+    "fewfaces_curve_3M": _long("Adam 1e-3, decoder unit norm, 10% faces, 3 million images (learning curve)",
+                               ADAM_DEC + CURVE, images=3_000_000),
+    **{f"fewfaces_seed{seed}_1.5M": _long(f"as decnorm_fewfaces_1.5M, training seed {seed}", FEW + [f"train.seed={seed}"])
+       for seed in (1, 2)},
+    **{f"faces{pc:02d}_1.5M": _long(f"Adam 1e-3, decoder unit norm, {pc}% faces, 1.5 million images", FEW,
+                                    data=f"train_faces{pc:02d}") for pc in (1, 3, 20, 30)},
+    **{f"{prefix}_lr3e-3_curve_1.5M": _long(f"Adam 3e-3, decoder unit norm, {pc}% faces, 1.5 million images "
+                                            "(learning curve)", ADAM_DEC + ["train.lr=0.003"] + CURVE, data=data)
+       for prefix, pc, data in (("fewfaces", 10, "train_fewfaces"), ("faces20", 20, "train_faces20"))},
     # The recipe at 10% faces: one lever changed per row.
-    "fewfaces_adagrad_1.5M": {"what": "the paper's Adagrad (0.01) instead of Adam, decoder unit norm, 10% faces",
-                              "sets": FEW + ["train.optimizer=adagrad", "train.lr=0.01"], "images": 1_500_000,
-                              "data": "train_fewfaces"},
-    "fewfaces_tied_1.5M": {"what": "tied weights (decoder = encoder^T), Adam 1e-3, encoder unit norm, 10% faces",
-                           "sets": TIED + LONG, "images": 1_500_000, "data": "train_fewfaces"},
-    "fewfaces_nonorm_1.5M": {"what": "Adam 1e-3, no norm control, 10% faces",
-                             "sets": FEW + ["train.norm_control=none"], "images": 1_500_000, "data": "train_fewfaces"},
-    "fewfaces_nolcn_1.5M": {"what": "Adam 1e-3, decoder unit norm, without LCN, 10% faces",
-                            "sets": FEW + ["model.lcn=false"], "images": 1_500_000, "data": "train_fewfaces"},
+    "fewfaces_adagrad_1.5M": _long("the paper's Adagrad (0.01) instead of Adam, decoder unit norm, 10% faces",
+                                   FEW + ["train.optimizer=adagrad", "train.lr=0.01"]),
+    "fewfaces_tied_1.5M": _long("tied weights (decoder = encoder^T), Adam 1e-3, encoder unit norm, 10% faces",
+                                TIED + LONG),
+    "fewfaces_nonorm_1.5M": _long("Adam 1e-3, no norm control, 10% faces", FEW + ["train.norm_control=none"]),
+    "fewfaces_nolcn_1.5M": _long("Adam 1e-3, decoder unit norm, without LCN, 10% faces", FEW + ["model.lcn=false"]),
     # Cats and bodies: faces, cat faces and padded bodies each 7% of the training data, scored on all three.
-    "rare3_1.5M": {"what": "Adam 1e-3, decoder unit norm, faces, cat faces and bodies each 7%, 1.5 million images",
-                   "sets": FEW, "images": 1_500_000, "data": "train_rare3", "concepts": ["faces", "catfaces", "bodiespad"]},
+    "rare3_1.5M": _long("Adam 1e-3, decoder unit norm, faces, cat faces and bodies each 7%, 1.5 million images", FEW,
+                        data="train_rare3", concepts=["faces", "catfaces", "bodiespad"]),
 }
 
 

@@ -152,8 +152,8 @@ def get_kernel(name: str, device: torch.device | str = "cpu") -> LocallyConnecte
     entry = _REGISTRY[name]
     if dtype not in entry.devices:
         raise ValueError(f"kernel {name!r} does not run on {dtype} (runs on: {', '.join(entry.devices)})")
-    if not entry.available():
-        raise ValueError(f"kernel {name!r} is not available here: {unavailable_reason(name)}")
+    if why := unavailable_reason(name):
+        raise ValueError(f"kernel {name!r} is not available here: {why}")
     if name not in _INSTANCES:
         _INSTANCES[name] = entry.factory()
     return _INSTANCES[name]

@@ -16,8 +16,9 @@ source, the compiler and the CPU's flags; written to a temporary name and rename
 uses are safe. The cache heals itself: beside each library lies its SHA-256, checked before the library
 is mapped (a truncated file would crash the process with SIGBUS inside dlopen), and a library whose
 digest does not match, that does not load, or that lacks one of the kernel's symbols is rebuilt, with one
-line. Temporary files of builds whose process has died are removed by the next build. The OpenMP runtime is the one PyTorch already loaded (same libgomp.so.1), so the two
-share threads instead of spinning against each other. When the build fails (no compiler, an error),
+line. Temporary files of builds whose process has died are removed by the next build. The OpenMP
+runtime is the one PyTorch already loaded (same libgomp.so.1), so the two share threads instead of
+spinning against each other. When the build fails (no compiler, an error),
 one line says why and `auto` falls back to the next kernel (rowshift).
 
 float32 and float64 on CPU; any other dtype or device goes to the rowshift kernel (its parent).

@@ -236,3 +236,12 @@ def test_every_import_of_the_package_in_scripts_and_experiments_resolves():
                 except ImportError as e:
                     bad.append(f"{f.relative_to(root)}:{node.lineno}: {module} {name or ''}: {e}")
     assert not bad, "\n".join(bad)
+
+
+def test_no_worker_pool_is_forked():
+    """Forked workers inherit locks held by the parent's threads (OpenCV, FFmpeg, Ray, OpenMP) and can wait
+    for ever: CI hung that way twice. Pools start their workers with spawn (data/images.decode_pool)."""
+    forked = [f"{module_name(p)}: {line.strip()}" for p in modules().values()
+              for line in p.read_text().splitlines()
+              if re.search(r"""get_context\(\s*["']fork["']|os\.fork\(|set_start_method\(\s*["']fork""", line)]
+    assert not forked, forked

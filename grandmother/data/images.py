@@ -7,6 +7,7 @@ and lists; the datasets built from the images live in grandmother/dataset.py.
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -23,6 +24,16 @@ LARGE_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
 
 class LargeImageError(ValueError):
     """An image too large to decode whole (decode_image); its message is the skip reason."""
+
+
+def decode_pool(workers: int):
+    """A pool of `workers` decoding processes, started fresh (spawn), never forked.
+
+    A forked child inherits the parent's threads' locks but not the threads: after the parent has run
+    OpenCV's face detector (its parallel_for pool), FFmpeg's scaler or Ray's client, a forked worker can
+    wait for ever on a lock no thread will release. CI hung that way on `run`'s ingest after the ETA
+    probe had run the detector in the parent. A spawned worker costs about a second of imports."""
+    return multiprocessing.get_context("spawn").Pool(workers)
 
 
 def fit_image(img: Image.Image, size: int, channels: int) -> np.ndarray:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grandmother.data.images import IMAGE_EXTENSIONS, decode_image, fit_image, unreadable_reason, walk_files
+from grandmother.data.images import IMAGE_EXTENSIONS, decode_image, decode_pool, fit_image, unreadable_reason, walk_files
 from grandmother.data.dataset import (COLORS, FORMAT, check_output_dir, finish_dataset, partial_dir, read_shard_meta, shard_name,
                       write_shard)
 from grandmother.data.rebalance import DETECT_MAX_SIDE, Rebalance, choose, detect_face, is_face_path
@@ -254,7 +253,7 @@ def ingest(sources: list[str], out: Path, size: int = 200, color: str = "rgb", s
         bar = tqdm(total=len(units), initial=first * shard_size, desc="ingest", unit="file", disable=None)
     pool = None
     if workers > 1:
-        pool = multiprocessing.get_context("fork").Pool(workers)
+        pool = decode_pool(workers)
         results = pool.imap(decode_unit, tasks, chunksize=4)
     else:
         results = map(decode_unit, tasks)

@@ -38,13 +38,13 @@ Choices (the paper gives only the ratio, 13,026 faces among 37,000 images):
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from grandmother.data.images import decode_pool
 from grandmother.data.dataset import COLORS, open_dataset, write_dataset
 from grandmother.errors import GrandmotherError
 from grandmother.io import path_line, read_path_list
@@ -157,7 +157,7 @@ def build_testset(positive: list[str], negative: list[str], out: Path, positive_
     neg_size = size if negative_crop is None else max(size, int(round(size / negative_crop)))
     tasks = [(str(p), p.name, media_kind(p), 1, seed, size if label else neg_size, channels) for p, label in files]
     if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with decode_pool(workers) as pool:
             results = list(_progress(pool.imap(decode_unit, tasks, chunksize=8), len(tasks), progress))
     else:
         results = list(_progress(map(decode_unit, tasks), len(tasks), progress))
